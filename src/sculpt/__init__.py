@@ -1,0 +1,15 @@
+"""sculpt: train, sample and evaluate diffusion models of images.
+
+The contracts (see DESIGN.md): ``schedules`` map time to noise level sigma in
+x = x0 + sigma * eps; a ``Denoiser`` turns any network into D(x, sigma) -> x0_hat;
+a sampler is a plain function over D and a grid of sigmas.
+"""
+
+from . import schedules
+from .denoiser import Denoiser
+from .samplers import SAMPLERS, sample
+from .schedules import GRIDS, SCHEDULES
+
+__version__ = "0.1.0"
+
+__all__ = ["Denoiser", "GRIDS", "SAMPLERS", "SCHEDULES", "sample", "schedules", "__version__"]

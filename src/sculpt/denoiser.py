@@ -1,0 +1,303 @@
+"""Prediction targets -> one denoiser D(x, sigma) -> x0_hat, and the training loss.
+
+Any network becomes a denoiser through one table of scalings (Karras et al. 2022,
+"EDM", Table 1), whatever it was trained to predict (eps, x0, v or EDM's F):
+
+    x0_hat = c_skip * u + c_out * net(c_in * u, c_noise)
+
+with one difference from EDM's table: c_skip and c_in multiply the variance-preserving
+state u = x / sqrt(1 + sigma^2) rather than x. u stays finite at sigma = inf (zero
+terminal SNR), where it *is* the pure unit noise, so that case needs no special path.
+EDM's own c_skip and c_in are ours divided by sqrt(1 + sigma^2).
+
+**The sigma = inf convention.** x0 + inf * eps is not a number, so wherever sigma is
+infinite the state x holds eps (the limit of x / sigma). ``add_noise`` writes states
+that way, samplers read them that way, and the denoiser turns them into u.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .schedules import Schedule, sigma_to_alpha_sigma
+
+__all__ = [
+    "Denoiser",
+    "Scalings",
+    "SCALINGS",
+    "WEIGHTINGS",
+    "PREDICTIONS",
+    "add_noise",
+    "to_x0",
+    "from_x0",
+    "convert",
+    "q_sample",
+    "q_step",
+]
+
+
+@dataclass(frozen=True)
+class Scalings:
+    """Coefficients of x0_hat = c_skip * u + c_out * F(c_in * u, c_noise), u the VP state.
+
+    Tensors broadcast against the image batch (shape [B, 1, 1, 1] or scalars).
+    """
+
+    c_skip: Tensor
+    c_out: Tensor
+    c_in: Tensor
+    c_noise: Tensor
+
+
+def _where_large(sigma: Tensor, small: Callable[[Tensor], Tensor], large: Callable[[Tensor], Tensor]) -> Tensor:
+    """Evaluate a formula in the form that is finite for sigma <= 1 or for sigma > 1."""
+    big = sigma > 1
+    safe_small = torch.where(big, torch.ones_like(sigma), sigma)
+    safe_large = torch.where(big, sigma, torch.ones_like(sigma))
+    return torch.where(big, large(safe_large), small(safe_small))
+
+
+def _eps_scalings(sigma: Tensor, c_noise: Tensor, sigma_data: float) -> Scalings:
+    # x0 = x - sigma * eps = sqrt(1 + sigma^2) u - sigma * eps: undefined at sigma = inf.
+    return Scalings(torch.sqrt(1 + sigma**2), -sigma, torch.ones_like(sigma), c_noise)
+
+
+def _x0_scalings(sigma: Tensor, c_noise: Tensor, sigma_data: float) -> Scalings:
+    return Scalings(torch.zeros_like(sigma), torch.ones_like(sigma), torch.ones_like(sigma), c_noise)
+
+
+def _v_scalings(sigma: Tensor, c_noise: Tensor, sigma_data: float) -> Scalings:
+    # Salimans & Ho 2022: v = alpha eps - sigma_vp x0, so x0 = alpha u - sigma_vp v.
+    alpha, sigma_vp = sigma_to_alpha_sigma(sigma)
+    return Scalings(alpha, -sigma_vp, torch.ones_like(sigma), c_noise)
+
+
+def _edm_scalings(sigma: Tensor, c_noise: Tensor, sigma_data: float) -> Scalings:
+    # EDM: c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2),
+    # c_noise = ln(s)/4; c_skip and c_in times sqrt(1+s^2) because they act on u.
+    sd2 = sigma_data**2
+    c_skip = _where_large(
+        sigma,
+        lambda s: sd2 * torch.sqrt(1 + s**2) / (s**2 + sd2),
+        lambda s: sd2 * torch.sqrt(s.reciprocal() ** 2 + 1) / (s * (1 + sd2 / s**2)),
+    )
+    c_out = sigma_data * torch.rsqrt(1 + sd2 / sigma**2)
+    c_in = _where_large(
+        sigma,
+        lambda s: torch.sqrt((1 + s**2) / (s**2 + sd2)),
+        lambda s: torch.sqrt((s.reciprocal() ** 2 + 1) / (1 + sd2 / s**2)),
+    )
+    return Scalings(c_skip, c_out, c_in, torch.log(sigma) / 4)
+
+
+#: One row per prediction target: sigma, the schedule's noise input, sigma_data -> Scalings.
+SCALINGS: dict[str, Callable[[Tensor, Tensor, float], Scalings]] = {
+    "eps": _eps_scalings,
+    "x0": _x0_scalings,
+    "v": _v_scalings,
+    "edm": _edm_scalings,
+}
+PREDICTIONS = tuple(SCALINGS)
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in SCALINGS:
+        raise ValueError(f"unknown prediction {prediction!r}; valid targets: {', '.join(SCALINGS)}")
+
+
+def _per_sample(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """sigma as a float64 CPU tensor [B] (a scalar is broadcast to the batch).
+
+    Scalings are computed on the CPU in float64 and then moved: the schedule's inverse
+    runs there, and a sigma that starts on the CPU (grids, training draws) never forces
+    a device synchronisation.
+    """
+    sigma = torch.as_tensor(sigma).detach().to("cpu", torch.float64)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"sigma must be a scalar or have one value per sample: got shape {tuple(sigma.shape)} "
+            f"for a batch of {x.shape[0]}"
+        )
+    if torch.isnan(sigma).any() or (sigma < 0).any():
+        raise ValueError("sigma must be >= 0 and not NaN: it is the noise level in x = x0 + sigma * eps")
+    return sigma
+
+
+def _expand(values: Tensor, x: Tensor) -> Tensor:
+    """[B] -> [B, 1, 1, ...] on x's device and dtype, to broadcast against x."""
+    return values.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _unit_state(x: Tensor, sigma: Tensor) -> Tensor:
+    """u = x / sqrt(1 + sigma^2); at sigma = inf x already holds u (the convention above)."""
+    sigma = _expand(sigma, x)
+    return torch.where(torch.isinf(sigma), x, x * torch.rsqrt(1 + sigma**2))
+
+
+def add_noise(x0: Tensor, sigma: Tensor | float, noise: Tensor) -> Tensor:
+    """The forward process in closed form: x = x0 + sigma * eps (eps itself where sigma = inf)."""
+    sigma = _expand(_per_sample(sigma, x0), x0)
+    return torch.where(torch.isinf(sigma), noise, x0 + torch.where(torch.isinf(sigma), 0, sigma) * noise)
+
+
+def to_x0(pred: Tensor, prediction: str, x: Tensor, sigma: Tensor | float, sigma_data: float = 0.5) -> Tensor:
+    """Turn a prediction of any target at state x, noise level sigma, into x0."""
+    _check_prediction(prediction)
+    sigma = _per_sample(sigma, x)
+    s = SCALINGS[prediction](sigma, sigma, sigma_data)
+    return _expand(s.c_skip, x) * _unit_state(x, sigma) + _expand(s.c_out, x) * pred
+
+
+def from_x0(x0: Tensor, prediction: str, x: Tensor, sigma: Tensor | float, sigma_data: float = 0.5) -> Tensor:
+    """The value of target ``prediction`` that corresponds to x0 at state x: the inverse of ``to_x0``."""
+    _check_prediction(prediction)
+    sigma = _per_sample(sigma, x)
+    s = SCALINGS[prediction](sigma, sigma, sigma_data)
+    return (x0 - _expand(s.c_skip, x) * _unit_state(x, sigma)) / _expand(s.c_out, x)
+
+
+def convert(
+    pred: Tensor, source: str, target: str, x: Tensor, sigma: Tensor | float, sigma_data: float = 0.5
+) -> Tensor:
+    """Convert a prediction between targets (eps, x0, v, edm) through x0: one formula, not n^2."""
+    return from_x0(to_x0(pred, source, x, sigma, sigma_data), target, x, sigma, sigma_data)
+
+
+# -- loss weightings, all as a weight on the squared error of the network's output F ----
+
+
+def _weight_none(sigma: Tensor, s: Scalings, sigma_data: float) -> Tensor:
+    return torch.ones_like(sigma)  # plain MSE on the target the network predicts
+
+
+def _weight_min_snr(sigma: Tensor, s: Scalings, sigma_data: float, gamma: float = 5.0) -> Tensor:
+    # Hang et al. 2023: weight min(SNR, gamma) on the x0 error, whatever the target; the
+    # F error is the x0 error / c_out, hence the c_out^2 (for eps this is min(SNR, g)/SNR).
+    snr = sigma.reciprocal() ** 2
+    return torch.clamp(snr, max=gamma) * s.c_out**2
+
+
+def _weight_edm(sigma: Tensor, s: Scalings, sigma_data: float) -> Tensor:
+    # Karras et al. 2022: lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on the x0 error.
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2 * s.c_out**2
+
+
+WEIGHTINGS: dict[str, Callable[[Tensor, Scalings, float], Tensor]] = {
+    "none": _weight_none,
+    "min_snr": _weight_min_snr,
+    "edm": _weight_edm,
+}
+
+
+class Denoiser(nn.Module):
+    """A network plus its prediction target: ``D(x, sigma, **cond) -> x0_hat``.
+
+    ``prediction`` picks the row of ``SCALINGS``; the network sees c_in * u and c_noise
+    (the schedule's time * time_scale for eps/x0/v, DDPM's integer timestep on discrete
+    schedules; EDM's ln(sigma)/4 for ``edm``). The loss lives here too, so training and
+    sampling can never disagree about the target.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: Schedule,
+        prediction: str = "eps",
+        sigma_data: float = 0.5,
+    ) -> None:
+        super().__init__()
+        _check_prediction(prediction)
+        self.net = net
+        self.schedule = schedule
+        self.prediction = prediction
+        self.sigma_data = sigma_data
+
+    def scalings(self, sigma: Tensor) -> Scalings:
+        """The table row for this target at per-sample sigma [B] (float64, CPU, shapes [B])."""
+        c_noise = self.schedule.t(sigma) * self.schedule.time_scale
+        s = SCALINGS[self.prediction](sigma, c_noise, self.sigma_data)
+        if not (torch.isfinite(s.c_skip).all() and torch.isfinite(s.c_out).all()):
+            raise ValueError(
+                f"prediction {self.prediction!r} cannot denoise at sigma = inf: it carries no "
+                "information about x0 at zero SNR. Use prediction='v' or 'x0' with "
+                "zero_terminal_snr schedules (Lin et al. 2023)."
+            )
+        return s
+
+    def _net(self, u: Tensor, s: Scalings, cond: dict[str, Tensor]) -> Tensor:
+        # c_noise stays float32 even under bf16: DDPM's timestep 999 is 1000 in bf16.
+        c_noise = s.c_noise.to(device=u.device, dtype=torch.float32)
+        out = self.net(_expand(s.c_in, u) * u, c_noise, **cond)
+        if out.shape != u.shape:
+            raise ValueError(
+                f"the network returned shape {tuple(out.shape)} for input {tuple(u.shape)}; "
+                "a denoiser's network must return one value per input value (out_channels = in_channels)"
+            )
+        return out
+
+    def forward(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> Tensor:
+        sigma = _per_sample(sigma, x)
+        s = self.scalings(sigma)
+        u = _unit_state(x, sigma)
+        return _expand(s.c_skip, x) * u + _expand(s.c_out, x) * self._net(u, s, cond)
+
+    def loss(
+        self,
+        x0: Tensor,
+        *,
+        weighting: str = "none",
+        sigma: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **cond: Tensor,
+    ) -> Tensor:
+        """Per-sample training loss [B]: weighted MSE between the network output and its target.
+
+        Draws sigma from the schedule's training distribution (uniform discrete levels,
+        uniform t, or EDM's log-normal) unless given, jumps straight to x = x0 + sigma eps,
+        and compares F with the exact target (x0 - c_skip u) / c_out, written in x0 and
+        eps so that no cancellation occurs at small sigma.
+        """
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+        if sigma is None:
+            sigma = self.schedule.sample_sigma(x0.shape[0], generator=generator)
+        sigma = _per_sample(sigma, x0)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        s = self.scalings(sigma)
+        u = _unit_state(add_noise(x0, sigma, noise), sigma)
+        # u = alpha x0 + sigma_vp eps, so the target (x0 - c_skip u) / c_out splits exactly:
+        alpha, sigma_vp = sigma_to_alpha_sigma(sigma)
+        coef_x0 = (1 - s.c_skip * alpha) / s.c_out
+        coef_eps = -s.c_skip * sigma_vp / s.c_out
+        target = _expand(coef_x0, x0) * x0 + _expand(coef_eps, x0) * noise
+        out = self._net(u, s, cond)
+        mse = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+        weight = WEIGHTINGS[weighting](sigma, s, self.sigma_data)
+        return weight.to(device=mse.device, dtype=mse.dtype) * mse
+
+
+def q_sample(schedule: Schedule, x0: Tensor, t: Tensor | float, noise: Tensor) -> Tensor:
+    """Ho et al. 2020, eq. 4, the VP form: x_t = sqrt(alpha_bar(t)) x0 + sqrt(1 - alpha_bar(t)) eps."""
+    alpha, sigma_vp = schedule.alpha_sigma(torch.as_tensor(t).detach().cpu())
+    alpha = _expand(torch.atleast_1d(alpha).to(x0), x0)
+    sigma_vp = _expand(torch.atleast_1d(sigma_vp).to(x0), x0)
+    return alpha * x0 + sigma_vp * noise
+
+
+def q_step(
+    schedule: Schedule, x_prev: Tensor, t_prev: Tensor | float, t: Tensor | float, noise: Tensor
+) -> Tensor:
+    """One forward step in VP form, q(x_t | x_s) = N(sqrt(ab_t/ab_s) x_s, (1 - ab_t/ab_s) I), s < t."""
+    ratio = schedule.alpha_bar(t) / schedule.alpha_bar(t_prev)
+    if (ratio > 1 + 1e-12).any():
+        raise ValueError("q_step needs t >= t_prev: the forward process only adds noise")
+    ratio = _expand(torch.atleast_1d(ratio.clamp(max=1)).to(x_prev), x_prev)
+    return ratio.sqrt() * x_prev + (1 - ratio).sqrt() * noise

@@ -1,0 +1,521 @@
+"""Samplers: one plain function each, ``sampler(D, x, sigmas, *, generator, callback, **options) -> x``.
+
+D is any callable ``D(x, sigma[B]) -> x0_hat`` (a ``Denoiser``, a guided wrapper, a
+closed-form denoiser); ``sigmas`` is a decreasing grid ending in 0 (see
+``sculpt.schedules.GRIDS``). No sampler branches on the prediction target or keeps
+state between calls. Every update is written with x0_hat and eps_hat = (x - x0_hat)/sigma
+only, which makes a first step from sigma = inf (zero terminal SNR, where x holds the
+unit noise) exact without special cases.
+
+In sigma coordinates several classic algorithms coincide, which the code makes plain:
+DDIM (eta = 0) is the Euler method on the probability-flow ODE; DDPM's ancestral step
+is DDIM with eta = 1; k-diffusion's Euler-ancestral is the same step again.
+
+Denoiser calls (NFE) for ``steps`` = len(sigmas) - 1:
+
+=================  ==============  ===========================================
+sampler            NFE             kind
+=================  ==============  ===========================================
+ddpm               steps           ancestral, Ho et al. 2020 posterior variance
+ddim               steps           Song et al. 2021; eta = 0 deterministic
+euler              steps           1st-order ODE (= ddim, eta = 0)
+euler_ancestral    steps           = ddim with eta (default 1)
+heun               2 steps - 1     2nd-order ODE, EDM Alg. 2 with churn
+dpmpp_2m           steps           DPM-Solver++(2M), 2nd-order multistep ODE
+dpmpp_3m           steps           3rd-order multistep ODE (DPM-Solver++ family)
+dpmpp_2m_sde       steps           DPM-Solver++(2M) SDE, midpoint
+unipc              steps           UniPC-bh2 predictor-corrector, order 3 (Zhao et al. 2023)
+=================  ==============  ===========================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .schedules import Schedule, grid
+
+__all__ = ["SAMPLERS", "NFE", "StepInfo", "ddpm", "ddim", "euler", "euler_ancestral", "heun",
+           "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "check_sigmas", "sample"]
+
+DenoiserFn = Callable[..., Tensor]
+Callback = Callable[["StepInfo"], None]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a sampler reports after each step (for progress bars and trajectory pictures)."""
+
+    index: int  #: step number, 0 .. steps - 1
+    sigma: float  #: noise level the step started from
+    sigma_next: float  #: noise level it reached
+    x: Tensor  #: the state after the step (at sigma_next)
+    x0_hat: Tensor  #: the denoiser's estimate of the clean image at sigma
+
+
+def check_sigmas(sigmas: Tensor | list[float]) -> Tensor:
+    """Validate a step grid: 1-D, >= 2 entries, non-negative, strictly decreasing, ending in 0."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"sigmas must be a 1-D grid with at least 2 entries (got shape {tuple(sigmas.shape)})")
+    if torch.isnan(sigmas).any() or (sigmas < 0).any():
+        raise ValueError("sigmas must be >= 0 and not NaN (noise levels of x = x0 + sigma * eps)")
+    if not (sigmas[1:] < sigmas[:-1]).all():
+        raise ValueError("sigmas must be strictly decreasing (a grid runs from noise to data)")
+    if sigmas[-1] != 0:
+        raise ValueError(f"sigmas must end in 0 (got {sigmas[-1].item():.4g}); append 0 to finish at the data")
+    if math.isinf(sigmas[1]):
+        raise ValueError("only the first sigma may be infinite")
+    return sigmas
+
+
+def _denoise(D: DenoiserFn, x: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
+    """x0_hat and eps_hat at one noise level, with the checks every sampler needs."""
+    x0_hat = D(x, x.new_full((x.shape[0],), sigma if math.isfinite(sigma) else math.inf))
+    if not isinstance(x0_hat, Tensor) or x0_hat.shape != x.shape:
+        shape = tuple(x0_hat.shape) if isinstance(x0_hat, Tensor) else type(x0_hat).__name__
+        raise ValueError(
+            f"the denoiser returned {shape} for input of shape {tuple(x.shape)}; it must return x0_hat of that shape"
+        )
+    if not torch.isfinite(x0_hat).all():
+        raise ValueError(
+            f"the denoiser returned NaN or inf at sigma={sigma:.4g}; check the model weights, "
+            "its dtype (fp16 overflows), and that an eps model is not asked to denoise at sigma = inf"
+        )
+    # At sigma = inf the state is the unit noise itself: eps_hat = x exactly.
+    eps_hat = x if math.isinf(sigma) else (x - x0_hat) / sigma
+    return x0_hat, eps_hat
+
+
+def _ratio(sigma_next: float, sigma: float) -> float:
+    """sigma_next / sigma, 0 when sigma is infinite."""
+    return 0.0 if math.isinf(sigma) else sigma_next / sigma
+
+
+def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    # Drawn on the generator's device so CPU generators give the same numbers everywhere.
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _report(callback: Callback | None, i: int, sigma: float, sigma_next: float, x: Tensor, x0_hat: Tensor) -> None:
+    if callback is not None:
+        callback(StepInfo(i, sigma, sigma_next, x, x0_hat))
+
+
+def _steps(sigmas: Tensor) -> list[tuple[int, float, float]]:
+    values = check_sigmas(sigmas).tolist()
+    return [(i, values[i], values[i + 1]) for i in range(len(values) - 1)]
+
+
+def _ancestral_split(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step: sigma_down^2 + sigma_up^2 = sigma_next^2.
+
+    sigma_up = eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2) is DDIM's sigma_t
+    written in sigma coordinates; eta = 1 makes it DDPM's posterior standard deviation.
+    """
+    if eta == 0 or sigma_next == 0:
+        return sigma_next, 0.0
+    r = _ratio(sigma_next, sigma)
+    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(1 - r * r, 0.0)))
+    return math.sqrt(max(sigma_next**2 - sigma_up**2, 0.0)), sigma_up
+
+
+def ddim(
+    D: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    eta: float = 0.0,
+) -> Tensor:
+    """DDIM (Song et al. 2021): x_next = x0_hat + sigma_down eps_hat + sigma_up z.
+
+    eta = 0 is deterministic (the Euler method in sigma); eta = 1 is DDPM's ancestral step.
+    """
+    for i, sigma, sigma_next in _steps(sigmas):
+        x0_hat, eps_hat = _denoise(D, x, sigma)
+        sigma_down, sigma_up = _ancestral_split(sigma, sigma_next, eta)
+        x = x0_hat + sigma_down * eps_hat
+        if sigma_up > 0:
+            x = x + sigma_up * _noise_like(x, generator)
+        _report(callback, i, sigma, sigma_next, x, x0_hat)
+    return x
+
+
+def ddpm(
+    D: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020) with the posterior variance ("fixed small").
+
+    In sigma coordinates the posterior q(x_s | x_t, x0) is
+    N(x0 + (s^2/t^2)(x_t - x0), s^2 (t^2 - s^2)/t^2), which is DDIM's step with eta = 1.
+    Run it on every level of a discrete schedule (steps = num_steps) for the original.
+    """
+    return ddim(D, x, sigmas, generator=generator, callback=callback, eta=1.0)
+
+
+def euler(
+    D: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = eps_hat (Karras et al. 2022)."""
+    return ddim(D, x, sigmas, generator=generator, callback=callback, eta=0.0)
+
+
+def euler_ancestral(
+    D: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+) -> Tensor:
+    """Euler ancestral (k-diffusion): an Euler step to sigma_down, then fresh noise sigma_up."""
+    return ddim(D, x, sigmas, generator=generator, callback=callback, eta=eta)
+
+
+def heun(
+    D: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Heun's 2nd-order method, EDM Algorithm 2 (Karras et al. 2022); churn 0 gives Algorithm 1.
+
+    With churn, noise raises sigma to sigma_hat = sigma (1 + gamma) before each step.
+    The last step (to sigma = 0) and a first step from sigma = inf are Euler steps: the
+    trapezoid needs a finite interval with a denoiser call at its far end.
+    """
+    steps = _steps(sigmas)
+    gamma_max = min(s_churn / len(steps), math.sqrt(2) - 1)
+    for i, sigma, sigma_next in steps:
+        gamma = gamma_max if s_tmin <= sigma <= s_tmax and math.isfinite(sigma) else 0.0
+        sigma_hat = sigma * (1 + gamma)
+        if gamma > 0:
+            x = x + s_noise * math.sqrt(sigma_hat**2 - sigma**2) * _noise_like(x, generator)
+        x0_hat, eps_hat = _denoise(D, x, sigma_hat)
+        x_next = x0_hat + sigma_next * eps_hat  # Euler: x + (sigma_next - sigma_hat) eps_hat
+        if sigma_next > 0 and math.isfinite(sigma_hat):
+            x0_next, eps_next = _denoise(D, x_next, sigma_next)
+            x_next = x + (sigma_next - sigma_hat) * (eps_hat + eps_next) / 2
+        x = x_next
+        _report(callback, i, sigma, sigma_next, x, x0_hat)
+    return x
+
+
+def _lambda(sigma: float) -> float:
+    """log-SNR / 2 = -log sigma (DPM-Solver's lambda); -inf at sigma = inf, +inf at 0."""
+    return -math.log(sigma) if sigma > 0 else math.inf
+
+
+def _data_step(x0_hat: Tensor, eps_hat: Tensor, sigma: float, sigma_next: float, d: Tensor) -> Tensor:
+    """Exponential-integrator step in data prediction: x_next = (s'/s) x + (1 - s'/s) d.
+
+    Written as s' eps_hat + (s'/s) x0_hat + (1 - s'/s) d since x = x0_hat + s eps_hat;
+    d is the (extrapolated) data estimate. With d = x0_hat it is DDIM.
+    """
+    r = _ratio(sigma_next, sigma)
+    return sigma_next * eps_hat + r * x0_hat + (1 - r) * d
+
+
+def dpmpp_2m(
+    D: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): 2nd-order multistep in log-SNR with data prediction."""
+    x0_prev, h_prev = None, None
+    for i, sigma, sigma_next in _steps(sigmas):
+        x0_hat, eps_hat = _denoise(D, x, sigma)
+        h = _lambda(sigma_next) - _lambda(sigma)
+        d = x0_hat
+        if x0_prev is not None and sigma_next > 0:
+            c = h / (2 * h_prev)  # 1 / (2 r), r = h_prev / h; 0 after a step from infinity
+            d = (1 + c) * x0_hat - c * x0_prev
+        x = _data_step(x0_hat, eps_hat, sigma, sigma_next, d)
+        x0_prev, h_prev = x0_hat, h
+        _report(callback, i, sigma, sigma_next, x, x0_hat)
+    return x
+
+
+def _phi_weights(h: float) -> tuple[float, float, float]:
+    """Integrals of e^{-(h - s)} s^k / k! over [0, h] for k = 0, 1, 2 (exponential-integrator weights)."""
+    i0 = -math.expm1(-h)  # 1 - e^{-h}
+    return i0, h - i0, h * h / 2 - h + i0
+
+
+def _extrapolated_data(x0_hat: Tensor, lam: float, history: list[tuple[float, Tensor]], h: float) -> Tensor:
+    """d with (1 - r) d = integral of e^{-(h - s)} p(lam + s) ds, p the polynomial through the history.
+
+    Newton's divided differences give p's first and second derivatives at lam; the
+    phi-weights integrate them exactly, so the step is exact for x0_hat quadratic in lambda.
+    """
+    i0, i1, i2 = _phi_weights(h)
+    lam1, x01 = history[-1]
+    slope = (x0_hat - x01) / (lam - lam1)
+    if len(history) < 2:
+        return x0_hat + (i1 / i0) * slope
+    lam2, x02 = history[-2]
+    curvature = (slope - (x01 - x02) / (lam1 - lam2)) / (lam - lam2)
+    first = slope + curvature * (lam - lam1)  # p'(lam)
+    return x0_hat + (i1 / i0) * first + (i2 / i0) * (2 * curvature)  # p''(lam) = 2 * curvature
+
+
+def dpmpp_3m(
+    D: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """3rd-order multistep exponential integrator in data prediction (DPM-Solver++(3M), Lu et al. 2022).
+
+    x0_hat is extrapolated along lambda = -log sigma through the last three estimates and
+    integrated exactly against e^{-(lambda' - tau)}. Lower order on the first two steps
+    and on the last one (to sigma = 0, where the exact step is x0_hat itself).
+    """
+    history: list[tuple[float, Tensor]] = []  # (lambda, x0_hat) at finite lambda, newest last
+    for i, sigma, sigma_next in _steps(sigmas):
+        x0_hat, eps_hat = _denoise(D, x, sigma)
+        lam = _lambda(sigma)
+        d = x0_hat
+        if sigma_next > 0 and history and math.isfinite(lam):
+            d = _extrapolated_data(x0_hat, lam, history[-2:], _lambda(sigma_next) - lam)
+        x = _data_step(x0_hat, eps_hat, sigma, sigma_next, d)
+        if math.isfinite(lam):
+            history.append((lam, x0_hat))
+        _report(callback, i, sigma, sigma_next, x, x0_hat)
+    return x
+
+
+def dpmpp_2m_sde(
+    D: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022; k-diffusion's midpoint variant)."""
+    x0_prev, h_prev = None, None
+    for i, sigma, sigma_next in _steps(sigmas):
+        x0_hat, eps_hat = _denoise(D, x, sigma)
+        if sigma_next == 0:
+            x = x0_hat
+        else:
+            h = _lambda(sigma_next) - _lambda(sigma)
+            eta_h = eta * h
+            decay = _ratio(sigma_next, sigma) * math.exp(-eta_h)  # multiplies x
+            # decay * x = decay * x0_hat + decay * sigma * eps_hat; decay * sigma = s' e^{-eta h}
+            x = decay * x0_hat + sigma_next * math.exp(-eta_h) * eps_hat
+            x = x + (-math.expm1(-h - eta_h)) * x0_hat
+            if x0_prev is not None and math.isfinite(h_prev):
+                r = h_prev / h
+                x = x + 0.5 * (-math.expm1(-h - eta_h)) * (1 / r) * (x0_hat - x0_prev)
+            if eta > 0:
+                x = x + _noise_like(x, generator) * sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
+            x0_prev, h_prev = x0_hat, h
+        _report(callback, i, sigma, sigma_next, x, x0_hat)
+    return x
+
+
+def _unipc_coefficients(h: float, rks: list[float]) -> tuple[Tensor, Tensor]:
+    """UniPC's linear system (Zhao et al. 2023, Alg. 2 with B(h) = e^h - 1): R rho = b.
+
+    R[i, k] = rks[k]^i and b_i = i! phi_{i+1}(h) / B(h), in data prediction (hh = -h).
+    """
+    hh = -h
+    b_h = math.expm1(hh)
+    h_phi_k = b_h / hh - 1
+    factorial = 1
+    b = []
+    for i in range(1, len(rks) + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    r = torch.tensor(rks, dtype=torch.float64)
+    R = torch.stack([r**i for i in range(len(rks))])
+    return R, torch.tensor(b, dtype=torch.float64)
+
+
+def _unipc_data(
+    x0_hat: Tensor, lam: float, h: float, history: list[tuple[float, Tensor]], x0_new: Tensor | None
+) -> Tensor:
+    """The data estimate d of a UniP predictor (x0_new None) or UniC corrector step.
+
+    history holds the earlier (lambda, x0_hat) pairs, newest last, excluding (lam, x0_hat).
+    The update is x_next = r x + (1 - r) d, as for every data-prediction step here.
+    """
+    rks = [(lam_k - lam) / h for lam_k, _ in reversed(history)]
+    diffs = [(x0_k - x0_hat) / rk for rk, (_, x0_k) in zip(rks, reversed(history), strict=True)]
+    if x0_new is not None:  # the corrector also uses the fresh estimate at lambda + h (rk = 1)
+        rks.append(1.0)
+        diffs.append(x0_new - x0_hat)
+        if len(rks) == 1:
+            rhos = torch.tensor([0.5], dtype=torch.float64)
+        else:
+            R, b = _unipc_coefficients(h, rks)
+            rhos = torch.linalg.solve(R, b)
+    elif not diffs:
+        return x0_hat
+    elif len(diffs) == 1:
+        rhos = torch.tensor([0.5], dtype=torch.float64)
+    else:
+        R, b = _unipc_coefficients(h, rks + [1.0])
+        rhos = torch.linalg.solve(R[:-1, :-1], b[:-1])
+    # x_next = r x - B(h) (1 - r)... in data form: (1 - r) d = (1 - r) x0_hat - B(h) sum rho_k D_k,
+    # and B(h) = e^{-h} - 1 = -(1 - r), so d = x0_hat + sum rho_k D_k.
+    return x0_hat + sum(float(rho) * diff for rho, diff in zip(rhos, diffs, strict=True))
+
+
+def unipc(
+    D: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    order: int = 3,
+) -> Tensor:
+    """UniPC (Zhao et al. 2023), B(h) = e^h - 1 ("bh2"), data prediction, multistep.
+
+    Each step predicts with UniP of the given order, and the next denoiser call, made
+    anyway, also corrects that prediction (UniC) at no extra NFE. Orders drop near the
+    start (not enough history) and the end (diffusers' lower_order_final); the last step
+    to sigma = 0 returns x0_hat.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"unipc order must be 1, 2 or 3 (got {order})")
+    steps = _steps(sigmas)
+    history: list[tuple[float, Tensor]] = []  # finite (lambda, x0_hat), newest last
+    last: tuple[Tensor, float, int] | None = None  # (x before the previous step, its sigma, its order)
+    for i, sigma, sigma_next in steps:
+        x0_hat, eps_hat = _denoise(D, x, sigma)
+        lam = _lambda(sigma)
+        if last is not None and math.isfinite(last[1]):
+            x_last, sigma_last, last_order = last
+            lam_last, x0_last = history[-1]
+            older = history[:-1][len(history) - last_order :]  # the last_order - 1 before it
+            d = _unipc_data(x0_last, lam_last, lam - lam_last, older, x0_hat)
+            x = _data_step_from(x_last, x0_last, sigma_last, sigma, d)
+            eps_hat = (x - x0_hat) / sigma
+        this_order = min(order, len(steps) - i, len(history) + 1) if math.isfinite(lam) else 1
+        if sigma_next == 0 or this_order == 1 or not math.isfinite(lam):
+            d = x0_hat
+        else:
+            older = history[len(history) + 1 - this_order :]  # the this_order - 1 most recent
+            d = _unipc_data(x0_hat, lam, _lambda(sigma_next) - lam, older, None)
+        last = (x, sigma, this_order)
+        if math.isfinite(lam):
+            history.append((lam, x0_hat))
+        x = _data_step(x0_hat, eps_hat, sigma, sigma_next, d)
+        _report(callback, i, sigma, sigma_next, x, x0_hat)
+    return x
+
+
+def _data_step_from(x: Tensor, x0_hat: Tensor, sigma: float, sigma_next: float, d: Tensor) -> Tensor:
+    """_data_step from an explicit state x at finite sigma: x_next = (s'/s) x + (1 - s'/s) d."""
+    r = sigma_next / sigma
+    return r * x + (1 - r) * d
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "euler": euler,
+    "euler_ancestral": euler_ancestral,
+    "heun": heun,
+    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_3m": dpmpp_3m,
+    "dpmpp_2m_sde": dpmpp_2m_sde,
+    "unipc": unipc,
+}
+
+#: Denoiser calls as a function of steps (the last heun step is Euler).
+NFE: dict[str, Callable[[int], int]] = {name: (lambda steps: steps) for name in SAMPLERS}
+NFE["heun"] = lambda steps: 2 * steps - 1
+
+
+def sample(
+    D: DenoiserFn,
+    shape: tuple[int, ...] | list[int],
+    *,
+    sampler: str = "dpmpp_2m",
+    steps: int | None = None,
+    schedule: Schedule | None = None,
+    spacing: str | None = None,
+    sigmas: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    noise: Tensor | None = None,
+    cond: dict[str, Tensor] | None = None,
+    **options: float,
+) -> Tensor:
+    """Draw samples: build the step grid, start from noise at sigma_max, run the sampler.
+
+    ``D`` is any callable with the denoiser signature; its ``schedule`` attribute is used
+    when ``schedule`` is not given. ``steps`` defaults to 20 (all levels of a discrete
+    schedule for ``ddpm``); ``spacing`` to the schedule's own grid (``GRIDS``), or pass
+    ``sigmas`` directly. The start is the VP prior N(0, I) seen in sigma coordinates,
+    sqrt(1 + sigma_max^2) * z, which is exactly the unit noise z when sigma_max = inf.
+    ``cond`` (e.g. ``{"class_labels": y}``) is passed to D at every call. Runs under
+    ``torch.inference_mode``; call a sampler function directly when gradients are needed.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
+    shape = tuple(shape)
+    if not shape or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise ValueError(f"shape must be a tuple of positive ints like (16, 1, 28, 28) (got {shape!r})")
+    if sigmas is None:
+        schedule = schedule if schedule is not None else getattr(D, "schedule", None)
+        if schedule is None:
+            raise ValueError("pass schedule= (D has no .schedule attribute) or an explicit sigmas= grid")
+        if steps is None:
+            steps = schedule.num_steps if sampler == "ddpm" and schedule.num_steps else 20
+        sigmas = grid(schedule, steps, spacing)
+    sigmas = check_sigmas(sigmas)
+    if device is None:
+        params = getattr(D, "parameters", None)
+        first = next(iter(params()), None) if callable(params) else None
+        device = first.device if first is not None else "cpu"
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, dtype=dtype,
+                            device=generator.device if generator is not None else device)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but shape={shape}; pass matching noise or none")
+    noise = noise.to(device=device, dtype=dtype)
+    sigma_max = float(sigmas[0])
+    x = noise if math.isinf(sigma_max) else noise * math.sqrt(1 + sigma_max**2)
+    denoise = D if not cond else (lambda x, sigma: D(x, sigma, **cond))
+    with torch.inference_mode():
+        return SAMPLERS[sampler](denoise, x, sigmas, generator=generator, callback=callback, **options)

@@ -1,0 +1,495 @@
+"""Noise schedules and step grids.
+
+One convention everywhere (EDM / k-diffusion): ``x = x0 + sigma * eps``. A variance-
+preserving (VP) schedule is the same process seen through a scale,
+
+    x_vp = x / sqrt(1 + sigma^2),   alpha_bar = 1 / (1 + sigma^2),   logsnr = -2 log sigma,
+
+so a schedule is only a monotone map between a model's native time t in [0, 1]
+(0 clean, 1 noisiest) and sigma. It never needs a sampler of its own.
+
+Build one with ``make(name, **options)``; a step grid is a plain function
+``grid(schedule, steps) -> sigmas`` returning a decreasing tensor that ends in 0.
+
+Schedule maths runs in float64: DDPM's alpha_bar reaches 4e-5, and float32 round-off
+there is visible in sigma (~157).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Schedule",
+    "DiscreteSchedule",
+    "EDMSchedule",
+    "SigmoidSchedule",
+    "Warped",
+    "SCHEDULES",
+    "GRIDS",
+    "make",
+    "grid",
+    "uniform_t",
+    "karras",
+    "logsnr_uniform",
+    "sigma_to_alpha_sigma",
+    "shifted",
+    "rescale_zero_terminal_snr",
+]
+
+_F64 = torch.float64
+
+
+def _as_tensor(value: Tensor | float, name: str = "t") -> Tensor:
+    """float64 tensor on the CPU (schedules are tiny; callers move results where needed)."""
+    out = torch.as_tensor(value, dtype=_F64).detach().cpu()
+    if torch.isnan(out).any():
+        raise ValueError(f"{name} contains NaN; pass finite values")
+    return out
+
+
+def _check_sigma(sigma: Tensor | float) -> Tensor:
+    sigma = _as_tensor(sigma, "sigma")
+    if (sigma < 0).any():
+        raise ValueError(
+            f"sigma must be >= 0 (got min {sigma.min().item():.4g}); "
+            "sigma is a noise standard deviation in x = x0 + sigma * eps"
+        )
+    return sigma
+
+
+def sigma_to_alpha_sigma(sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """VP coefficients (alpha, sigma_vp) with x_vp = alpha * x0 + sigma_vp * eps.
+
+    alpha = 1 / sqrt(1 + sigma^2) and sigma_vp = sigma * alpha, written so that both
+    sigma = 0 and sigma = inf give exact, finite answers ((1, 0) and (0, 1)).
+    """
+    alpha = torch.rsqrt(1 + sigma**2)
+    sigma_vp = torch.rsqrt(1 + sigma.reciprocal() ** 2)  # sigma / sqrt(1 + sigma^2), limit-safe
+    return alpha, sigma_vp
+
+
+class Schedule:
+    """A monotone map between native time t in [0, 1] and the noise level sigma.
+
+    Subclasses implement ``_sigma(t)`` and ``_t(sigma)`` on float64 tensors, the
+    training noise distribution ``sample_sigma``, and say whether they are discrete.
+    """
+
+    name: str = "schedule"
+    #: Discrete schedules (DDPM-style) have ``num_steps`` levels and a table ``sigmas``.
+    num_steps: int | None = None
+    #: Grid used by ``sculpt.sample`` when the caller names none.
+    default_spacing: str = "trailing"
+
+    # -- the map ---------------------------------------------------------------------
+    def sigma(self, t: Tensor | float) -> Tensor:
+        """Noise level at native time t (float64)."""
+        t = _as_tensor(t)
+        if ((t < 0) | (t > 1)).any():
+            raise ValueError(f"t must lie in [0, 1] (got {t.min().item():.4g}..{t.max().item():.4g})")
+        return self._sigma(t)
+
+    def t(self, sigma: Tensor | float) -> Tensor:
+        """Native time of noise level sigma, the inverse of ``sigma(t)`` (clamped to [0, 1])."""
+        return self._t(_check_sigma(sigma)).clamp(0, 1)
+
+    def logsnr(self, t: Tensor | float) -> Tensor:
+        """log-SNR lambda(t) = log(alpha^2 / sigma_vp^2) = -2 log sigma(t)."""
+        return -2 * torch.log(self.sigma(t))
+
+    def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """VP form (alpha, sigma_vp) at time t: x_vp = alpha * x0 + sigma_vp * eps."""
+        return sigma_to_alpha_sigma(self.sigma(t))
+
+    def alpha_bar(self, t: Tensor | float) -> Tensor:
+        """DDPM's alpha_bar(t) = alpha^2 = 1 / (1 + sigma^2)."""
+        return self.alpha_sigma(t)[0] ** 2
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self._sigma(torch.zeros((), dtype=_F64)))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self._sigma(torch.ones((), dtype=_F64)))
+
+    @property
+    def time_scale(self) -> float:
+        """Factor from t to the network's noise input for VP targets (DDPM feeds 0..999)."""
+        return float(self.num_steps - 1) if self.num_steps else 1000.0
+
+    def sample_sigma(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Training noise levels for a batch of n: uniform t (discrete levels when discrete)."""
+        t = torch.rand(n, generator=generator, dtype=_F64)
+        if self.num_steps:
+            t = torch.floor(t * self.num_steps).clamp(max=self.num_steps - 1) / (self.num_steps - 1)
+        return self._sigma(t)
+
+    @property
+    def sigmas(self) -> Tensor:
+        """The exact discrete noise levels, index 0 (least noise) .. num_steps - 1."""
+        if not self.num_steps:
+            raise ValueError(f"schedule {self.name!r} is continuous: it has no discrete sigmas table")
+        return self._sigma(torch.linspace(0, 1, self.num_steps, dtype=_F64))
+
+    # -- to implement ----------------------------------------------------------------
+    def _sigma(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _t(self, sigma: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        steps = f", num_steps={self.num_steps}" if self.num_steps else ""
+        return f"{type(self).__name__}({self.name!r}{steps}, sigma in [{self.sigma_min:.4g}, {self.sigma_max:.4g}])"
+
+
+class DiscreteSchedule(Schedule):
+    """A DDPM-style schedule: N noise levels from betas, alpha_bar = cumprod(1 - beta).
+
+    Level i sits at t = i / (N - 1), so the network's noise input (N - 1) * t is DDPM's
+    integer timestep. Between levels log sigma is interpolated linearly (k-diffusion's
+    choice), which keeps every discrete value exact and the map strictly monotone.
+    """
+
+    def __init__(self, betas: Tensor, name: str = "discrete") -> None:
+        betas = torch.as_tensor(betas, dtype=_F64)
+        if betas.ndim != 1 or len(betas) < 2:
+            raise ValueError("betas must be a 1-D tensor with at least 2 entries")
+        if ((betas <= 0) | (betas >= 1)).any():
+            raise ValueError("betas must lie strictly between 0 and 1")
+        self.name = name
+        self.num_steps = len(betas)
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        # sigma^2 = (1 - alpha_bar) / alpha_bar
+        self._table = torch.sqrt((1 - self.alphas_cumprod) / self.alphas_cumprod)
+        self._log_table = torch.log(self._table)
+
+    @property
+    def sigmas(self) -> Tensor:
+        return self._table.clone()
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        position = t * (self.num_steps - 1)
+        low = position.floor().long().clamp(0, self.num_steps - 2)
+        frac = position - low
+        log_sigma = torch.lerp(self._log_table[low], self._log_table[low + 1], frac)
+        return torch.exp(log_sigma)
+
+    def _t(self, sigma: Tensor) -> Tensor:
+        log_sigma = torch.log(sigma).clamp(self._log_table[0], self._log_table[-1])
+        high = torch.searchsorted(self._log_table, log_sigma.contiguous()).clamp(1, self.num_steps - 1)
+        low = high - 1
+        frac = (log_sigma - self._log_table[low]) / (self._log_table[high] - self._log_table[low])
+        return (low + frac) / (self.num_steps - 1)
+
+
+class EDMSchedule(Schedule):
+    """Karras et al. 2022 (EDM): sigma(t) = (s_min^(1/rho) + t (s_max^(1/rho) - s_min^(1/rho)))^rho.
+
+    Training draws ln sigma ~ N(p_mean, p_std^2) (EDM's log-normal), not uniform t.
+    """
+
+    default_spacing = "karras"
+
+    def __init__(
+        self,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+    ) -> None:
+        if not 0 < sigma_min < sigma_max < math.inf:
+            raise ValueError(f"need 0 < sigma_min < sigma_max < inf (got {sigma_min}, {sigma_max})")
+        self.name = "edm"
+        self.rho, self.p_mean, self.p_std = rho, p_mean, p_std
+        self._lo, self._hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        return (self._lo + t * (self._hi - self._lo)) ** self.rho
+
+    def _t(self, sigma: Tensor) -> Tensor:
+        return (sigma ** (1 / self.rho) - self._lo) / (self._hi - self._lo)
+
+    def sample_sigma(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        z = torch.randn(n, generator=generator, dtype=_F64)
+        return torch.exp(self.p_mean + self.p_std * z)
+
+
+class SigmoidSchedule(Schedule):
+    """Sigmoid schedule (Jabri et al. 2022; Chen 2023, "On the importance of noise scheduling").
+
+    alpha_bar(t) = (sigmoid(e/tau) - sigmoid((t(e - s) + s)/tau)) / (sigmoid(e/tau) - sigmoid(s/tau)),
+    clipped to [clip_min, 1 - clip_min] so that sigma stays finite and positive at the ends.
+    """
+
+    def __init__(self, start: float = -3.0, end: float = 3.0, tau: float = 1.0, clip_min: float = 1e-9):
+        if not end > start or tau <= 0:
+            raise ValueError("sigmoid schedule needs end > start and tau > 0")
+        self.name = "sigmoid"
+        self.start, self.end, self.tau, self.clip_min = start, end, tau, clip_min
+        self._v_start = torch.sigmoid(torch.tensor(start / tau, dtype=_F64))
+        self._v_end = torch.sigmoid(torch.tensor(end / tau, dtype=_F64))
+
+    def _alpha_bar(self, t: Tensor) -> Tensor:
+        v = torch.sigmoid((t * (self.end - self.start) + self.start) / self.tau)
+        return ((self._v_end - v) / (self._v_end - self._v_start)).clamp(self.clip_min, 1 - self.clip_min)
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        alpha_bar = self._alpha_bar(t)
+        return torch.sqrt((1 - alpha_bar) / alpha_bar)
+
+    def _t(self, sigma: Tensor) -> Tensor:
+        alpha_bar = (1 / (1 + sigma**2)).clamp(self.clip_min, 1 - self.clip_min)
+        v = self._v_end - alpha_bar * (self._v_end - self._v_start)
+        return (torch.logit(v) * self.tau - self.start) / (self.end - self.start)
+
+
+class Warped(Schedule):
+    """A schedule whose sigmas are a monotone function of another's: sigma = forward(sigma_base).
+
+    Serves the resolution shift (sigma scaled by a constant) and the zero-terminal-SNR
+    rescaling alike; discreteness, the training distribution and the default grid are
+    inherited from the base schedule.
+    """
+
+    def __init__(
+        self,
+        base: Schedule,
+        forward: Callable[[Tensor], Tensor],
+        inverse: Callable[[Tensor], Tensor],
+        name: str,
+    ) -> None:
+        self.base, self._forward, self._inverse, self.name = base, forward, inverse, name
+        self.num_steps = base.num_steps
+        self.default_spacing = base.default_spacing
+
+    @property
+    def time_scale(self) -> float:
+        return self.base.time_scale
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        return self._forward(self.base._sigma(t))
+
+    def _t(self, sigma: Tensor) -> Tensor:
+        return self.base._t(self._inverse(sigma))
+
+    def sample_sigma(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        return self._forward(self.base.sample_sigma(n, generator=generator))
+
+
+def shifted(base: Schedule, factor: float) -> Schedule:
+    """Scale every sigma by ``factor``: log-SNR moves by exactly -2 log(factor).
+
+    Hoogeboom et al. 2023 (simple diffusion): training at resolution ``res`` with a
+    schedule tuned for ``base_res`` wants factor = res / base_res, i.e. log-SNR shifted
+    by 2 log(base_res / res). Chen 2023's input scaling x0 -> b x0 is the same process
+    as factor = 1 / b. SD3's "shift" s is factor = s as well.
+    """
+    if not (factor > 0 and math.isfinite(factor)):
+        raise ValueError(f"shift must be a positive finite number (got {factor})")
+    return Warped(base, lambda s: s * factor, lambda s: s / factor, f"{base.name}*{factor:g}")
+
+
+def rescale_zero_terminal_snr(base: Schedule) -> Schedule:
+    """Lin et al. 2023: rescale sqrt(alpha_bar) so that alpha_bar(1) = 0 exactly.
+
+    sqrt(ab)' = (sqrt(ab) - sqrt(ab_T)) * sqrt(ab_0) / (sqrt(ab_0) - sqrt(ab_T)): alpha_bar
+    at t = 0 is unchanged and sigma at t = 1 becomes infinite (pure noise). Sampling
+    then starts from unit noise and the first denoiser call must go through an x0 or v
+    target (eps cannot be turned into x0 at zero SNR).
+    """
+    a0 = float(sigma_to_alpha_sigma(base._sigma(torch.zeros((), dtype=_F64)))[0])
+    aT = float(sigma_to_alpha_sigma(base._sigma(torch.ones((), dtype=_F64)))[0])
+
+    def forward(sigma: Tensor) -> Tensor:
+        alpha = (sigma_to_alpha_sigma(sigma)[0] - aT) * (a0 / (a0 - aT))
+        return torch.sqrt(1 - alpha**2) / alpha  # alpha = 0 -> inf, exactly
+
+    def inverse(sigma: Tensor) -> Tensor:
+        alpha = sigma_to_alpha_sigma(sigma)[0] * ((a0 - aT) / a0) + aT
+        return torch.sqrt(1 - alpha**2) / alpha
+
+    return Warped(base, forward, inverse, f"{base.name}+zsnr")
+
+
+def _linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Ho et al. 2020: betas linear from 1e-4 to 0.02 over 1000 steps."""
+    return torch.linspace(beta_start, beta_end, num_steps, dtype=_F64)
+
+
+def _scaled_linear_betas(
+    num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> Tensor:
+    """Stable Diffusion's: linear in sqrt(beta)."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=_F64) ** 2
+
+
+def _cosine_betas(num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Nichol & Dhariwal 2021: alpha_bar(t) = cos^2((t + s)/(1 + s) * pi/2), betas clipped at 0.999."""
+
+    def alpha_bar(t: Tensor) -> Tensor:
+        return torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+
+    steps = torch.arange(num_steps + 1, dtype=_F64) / num_steps
+    return (1 - alpha_bar(steps[1:]) / alpha_bar(steps[:-1])).clamp(max=max_beta)
+
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "linear": lambda **kw: DiscreteSchedule(_linear_betas(**kw), "linear"),
+    "scaled_linear": lambda **kw: DiscreteSchedule(_scaled_linear_betas(**kw), "scaled_linear"),
+    "cosine": lambda **kw: DiscreteSchedule(_cosine_betas(**kw), "cosine"),
+    "sigmoid": lambda **kw: SigmoidSchedule(**kw),
+    "edm": lambda **kw: EDMSchedule(**kw),
+}
+
+
+def make(
+    name: str,
+    *,
+    shift: float | None = None,
+    res: int | None = None,
+    base_res: int = 64,
+    input_scale: float | None = None,
+    zero_terminal_snr: bool = False,
+    **options: float,
+) -> Schedule:
+    """Build a schedule by name (``SCHEDULES``), with the recipe options applied in order.
+
+    - ``res`` (with ``base_res``, default 64): resolution shift, sigma *= res / base_res.
+    - ``shift``: an explicit sigma factor (log-SNR moves by -2 log shift).
+    - ``input_scale`` b (Chen 2023): scaling the data by b equals shift 1 / b.
+    - ``zero_terminal_snr``: Lin et al. 2023 rescaling, applied last.
+    Other options go to the schedule itself (e.g. ``num_steps``, ``beta_end``, ``rho``).
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; valid names: {', '.join(sorted(SCHEDULES))}")
+    try:
+        schedule = SCHEDULES[name](**options)
+    except TypeError as error:
+        raise ValueError(f"bad option for schedule {name!r}: {error}") from None
+    factor = 1.0
+    if res is not None:
+        if res <= 0 or base_res <= 0:
+            raise ValueError(f"res and base_res must be positive (got {res}, {base_res})")
+        factor *= res / base_res
+    if shift is not None:
+        factor *= shift
+    if input_scale is not None:
+        if input_scale <= 0:
+            raise ValueError(f"input_scale must be positive (got {input_scale})")
+        factor /= input_scale
+    if factor != 1.0:
+        schedule = shifted(schedule, factor)
+    if zero_terminal_snr:
+        schedule = rescale_zero_terminal_snr(schedule)
+    return schedule
+
+
+# -- step grids ------------------------------------------------------------------------
+
+
+def _check_steps(steps: int) -> int:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1 (got {steps!r})")
+    return steps
+
+
+def _finish(sigmas: Tensor) -> Tensor:
+    """Decreasing, ending in exactly one 0."""
+    sigmas = sigmas[sigmas > 0]
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float64)
+
+
+def uniform_t(schedule: Schedule, steps: int, spacing: str = "trailing") -> Tensor:
+    """Steps uniform in native time, as the DDIM literature spaces them.
+
+    For a discrete schedule these are diffusers' integer timesteps exactly:
+    ``leading`` (DDIM: every N/steps-th level from 0, never the noisiest), ``trailing``
+    (Lin et al. 2023: from the noisiest level down) and ``linspace`` (round(linspace(0,
+    N-1, steps))). A continuous schedule uses the same fractions of [0, 1].
+    """
+    steps = _check_steps(steps)
+    if schedule.num_steps:
+        n = schedule.num_steps
+        if steps > n:
+            raise ValueError(f"steps={steps} exceeds the schedule's {n} discrete levels")
+        if spacing == "leading":
+            index = torch.arange(steps, dtype=_F64).mul(n // steps).round()
+        elif spacing == "trailing":
+            index = torch.arange(n, 0, -n / steps, dtype=_F64).round() - 1
+        elif spacing == "linspace":
+            index = torch.linspace(0, n - 1, steps, dtype=_F64).round()
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}; valid: leading, trailing, linspace")
+        t = index.sort(descending=True).values / (n - 1)
+    else:
+        k = torch.arange(steps, dtype=_F64)
+        if spacing == "leading":
+            t = (steps - 1 - k) / steps
+        elif spacing == "trailing":
+            t = 1 - k / steps
+        elif spacing == "linspace":
+            t = 1 - k / max(steps - 1, 1)
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}; valid: leading, trailing, linspace")
+    return _finish(schedule.sigma(t))
+
+
+def _finite_top(schedule: Schedule, steps: int) -> tuple[bool, float, int]:
+    """(starts at infinity?, largest finite sigma to use, steps left for the finite part)."""
+    if math.isfinite(schedule.sigma_max):
+        return False, schedule.sigma_max, steps
+    if steps < 2:
+        return True, math.inf, 0
+    # Zero terminal SNR: take one step from infinity to the next level down.
+    last_gap = 1 / (schedule.num_steps - 1) if schedule.num_steps else 1 / steps
+    return True, float(schedule.sigma(1 - last_gap)), steps - 1
+
+
+def karras(schedule: Schedule, steps: int, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022, eq. 5: uniform in sigma^(1/rho) between sigma_max and sigma_min."""
+    steps = _check_steps(steps)
+    from_infinity, top, finite_steps = _finite_top(schedule, steps)
+    lo, hi = schedule.sigma_min ** (1 / rho), top ** (1 / rho)
+    ramp = torch.linspace(0, 1, finite_steps, dtype=_F64)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    if from_infinity:
+        sigmas = torch.cat([torch.tensor([math.inf], dtype=_F64), sigmas])
+    return _finish(sigmas)
+
+
+def logsnr_uniform(schedule: Schedule, steps: int) -> Tensor:
+    """Uniform in log-SNR (equivalently log sigma), DPM-Solver's "logSNR" spacing (Lu et al. 2022)."""
+    steps = _check_steps(steps)
+    from_infinity, top, finite_steps = _finite_top(schedule, steps)
+    sigma_min = max(schedule.sigma_min, 1e-12 * top)  # a schedule may reach sigma = 0 at t = 0
+    ramp = torch.linspace(0, 1, finite_steps, dtype=_F64)
+    sigmas = torch.exp(math.log(top) + ramp * (math.log(sigma_min) - math.log(top)))
+    if from_infinity:
+        sigmas = torch.cat([torch.tensor([math.inf], dtype=_F64), sigmas])
+    return _finish(sigmas)
+
+
+GRIDS: dict[str, Callable[..., Tensor]] = {
+    "leading": lambda schedule, steps: uniform_t(schedule, steps, "leading"),
+    "trailing": lambda schedule, steps: uniform_t(schedule, steps, "trailing"),
+    "linspace": lambda schedule, steps: uniform_t(schedule, steps, "linspace"),
+    "karras": karras,
+    "logsnr": logsnr_uniform,
+}
+
+
+def grid(schedule: Schedule, steps: int, spacing: str | None = None, **options: float) -> Tensor:
+    """The step grid named ``spacing`` (``GRIDS``; default: the schedule's own)."""
+    spacing = spacing or schedule.default_spacing
+    if spacing not in GRIDS:
+        raise ValueError(f"unknown spacing {spacing!r}; valid names: {', '.join(GRIDS)}")
+    return GRIDS[spacing](schedule, steps, **options)
