@@ -125,10 +125,9 @@ class Schedule:
 
     def sample_sigma(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Training noise levels for a batch of n: uniform t (discrete levels when discrete)."""
-        t = torch.rand(n, generator=generator, dtype=_F64)
         if self.num_steps:
-            t = torch.floor(t * self.num_steps).clamp(max=self.num_steps - 1) / (self.num_steps - 1)
-        return self._sigma(t)
+            return self.sigmas[torch.randint(self.num_steps, (n,), generator=generator)]
+        return self._sigma(torch.rand(n, generator=generator, dtype=_F64))
 
     @property
     def sigmas(self) -> Tensor:
@@ -177,8 +176,9 @@ class DiscreteSchedule(Schedule):
 
     def _sigma(self, t: Tensor) -> Tensor:
         position = t * (self.num_steps - 1)
-        low = position.floor().long().clamp(0, self.num_steps - 2)
-        frac = position - low
+        # Snap round-off (i / (N - 1) * (N - 1) = i - 1e-13) so every level is hit exactly.
+        low = (position + 1e-9).floor().long().clamp(0, self.num_steps - 2)
+        frac = (position - low).clamp(min=0)
         log_sigma = torch.lerp(self._log_table[low], self._log_table[low + 1], frac)
         return torch.exp(log_sigma)
 
@@ -238,17 +238,17 @@ class SigmoidSchedule(Schedule):
         self._v_start = torch.sigmoid(torch.tensor(start / tau, dtype=_F64))
         self._v_end = torch.sigmoid(torch.tensor(end / tau, dtype=_F64))
 
-    def _alpha_bar(self, t: Tensor) -> Tensor:
-        v = torch.sigmoid((t * (self.end - self.start) + self.start) / self.tau)
-        return ((self._v_end - v) / (self._v_end - self._v_start)).clamp(self.clip_min, 1 - self.clip_min)
-
     def _sigma(self, t: Tensor) -> Tensor:
-        alpha_bar = self._alpha_bar(t)
-        return torch.sqrt((1 - alpha_bar) / alpha_bar)
+        v = torch.sigmoid((t * (self.end - self.start) + self.start) / self.tau)
+        span = self._v_end - self._v_start
+        # sigma^2 = (1 - alpha_bar) / alpha_bar, each side computed directly (no 1 - (1 - tiny))
+        alpha_bar = ((self._v_end - v) / span).clamp(self.clip_min, 1 - self.clip_min)
+        one_minus = ((v - self._v_start) / span).clamp(self.clip_min, 1 - self.clip_min)
+        return torch.sqrt(one_minus / alpha_bar)
 
     def _t(self, sigma: Tensor) -> Tensor:
-        alpha_bar = (1 / (1 + sigma**2)).clamp(self.clip_min, 1 - self.clip_min)
-        v = self._v_end - alpha_bar * (self._v_end - self._v_start)
+        one_minus = (sigma_to_alpha_sigma(sigma)[1] ** 2).clamp(self.clip_min, 1 - self.clip_min)
+        v = self._v_start + one_minus * (self._v_end - self._v_start)
         return (torch.logit(v) * self.tau - self.start) / (self.end - self.start)
 
 
@@ -282,6 +282,8 @@ class Warped(Schedule):
         return self.base._t(self._inverse(sigma))
 
     def sample_sigma(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        if self.num_steps:
+            return super().sample_sigma(n, generator=generator)
         return self._forward(self.base.sample_sigma(n, generator=generator))
 
 

@@ -63,10 +63,15 @@ class GaussianMixture:
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return self.means[component] + (chol @ z[..., None])[..., 0], component
 
-    def _noisy_covs(self, sigma: Tensor) -> Tensor:
-        """S_k + sigma^2 I for each sample: [B, K, D, D]."""
-        eye = torch.eye(self.dim, dtype=torch.float64)
-        return self.covs[None] + (sigma**2)[:, None, None, None] * eye
+    def _eigen(self) -> tuple[Tensor, Tensor]:
+        """S_k = Q_k diag(lam_k) Q_k^T: then S_k + sigma^2 I is diagonal in the same basis."""
+        lam, Q = torch.linalg.eigh(self.covs)
+        return lam.clamp(min=0), Q
+
+    def _rotated(self, x: Tensor) -> Tensor:
+        """Q_k^T (x - mu_k) for every sample and component: [B, K, D]."""
+        _, Q = self._eigen()
+        return torch.einsum("kji,bkj->bki", Q, x[:, None, :] - self.means[None])
 
     def log_prob(self, x: Tensor, sigma: Tensor | float = 0.0) -> Tensor:
         """log p_sigma(x) for x [B, D] (exact, float64)."""
@@ -74,14 +79,12 @@ class GaussianMixture:
         sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
         return torch.logsumexp(self._component_log_probs(x, sigma), dim=1)
 
-    def _component_log_probs(self, x: Tensor, sigma: Tensor) -> Tensor:
-        covs = self._noisy_covs(sigma)  # [B, K, D, D]
-        chol = torch.linalg.cholesky(covs)
-        diff = (x[:, None, :] - self.means[None])[..., None]  # [B, K, D, 1]
-        solved = torch.linalg.solve_triangular(chol, diff, upper=False)[..., 0]
-        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    def _component_log_probs(self, x: Tensor, sigma: Tensor, rotated: Tensor | None = None) -> Tensor:
+        lam, _ = self._eigen()
+        var = lam[None] + (sigma**2)[:, None, None]  # [B, K, D]
+        y = self._rotated(x) if rotated is None else rotated
         return torch.log(self.weights)[None] - 0.5 * (
-            (solved**2).sum(-1) + log_det + self.dim * math.log(2 * math.pi)
+            (y**2 / var).sum(-1) + torch.log(var).sum(-1) + self.dim * math.log(2 * math.pi)
         )
 
     def responsibilities(self, x: Tensor, sigma: Tensor | float = 0.0) -> Tensor:
@@ -103,10 +106,10 @@ class GaussianMixture:
         finite = torch.isfinite(sigma)
         if finite.any():
             xf, sf = x[finite], sigma[finite]
-            resp = torch.softmax(self._component_log_probs(xf, sf), dim=1)  # [B, K]
-            covs = self._noisy_covs(sf)
-            diff = (xf[:, None, :] - self.means[None])[..., None]
-            gain = self.covs[None] @ torch.linalg.solve(covs, diff)  # S (S + s^2 I)^-1 (x - mu)
-            posterior_means = self.means[None] + gain[..., 0]  # [B, K, D]
+            lam, Q = self._eigen()
+            y = self._rotated(xf)  # [B, K, D] in each component's eigenbasis
+            resp = torch.softmax(self._component_log_probs(xf, sf, y), dim=1)  # [B, K]
+            gain = lam[None] / (lam[None] + (sf**2)[:, None, None])  # S (S + s^2 I)^-1, diagonal
+            posterior_means = self.means[None] + torch.einsum("kij,bkj->bki", Q, gain * y)  # [B, K, D]
             out[finite] = (resp[..., None] * posterior_means).sum(1)
         return out.reshape(shape).to(dtype)
