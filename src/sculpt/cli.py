@@ -7,6 +7,7 @@ the Python API cannot.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -20,8 +21,12 @@ def _schedule(args: argparse.Namespace) -> int:
     for name in names:
         curves.append((name, make(name)))
         if args.res:
-            curves.append((f"{name} shifted to {args.res}px (base {args.base_res})",
-                           make(name, res=args.res, base_res=args.base_res)))
+            curves.append(
+                (
+                    f"{name} shifted to {args.res}px (base {args.base_res})",
+                    make(name, res=args.res, base_res=args.base_res),
+                )
+            )
         if args.zero_snr:
             curves.append((f"{name} zero terminal SNR", make(name, zero_terminal_snr=True)))
     for label, schedule in curves:
@@ -32,9 +37,192 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_overrides(extra: list[str]) -> dict[str, str]:
+    """``--section.field=value`` / ``--section.field value`` pairs from the unparsed arguments."""
+    assignments, i = {}, 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or "." not in token.split("=")[0] and not token.startswith("--out"):
+            raise ValueError(
+                f"unrecognised argument {token!r}; config fields are set as --section.field=value (see `sculpt config`)"
+            )
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(extra):
+            key, value = token[2:], extra[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"{token} needs a value")
+        assignments[key] = value
+    return assignments
+
+
+def _resolved_config(args: argparse.Namespace, extra: list[str]):
+    from .config import Config, override
+
+    assignments = {}
+    for flag, field in [("data", "data.name"), ("net", "model.net"), ("steps", "train.steps"), ("out", "out")]:
+        value = getattr(args, flag, None)
+        if value is not None:
+            assignments[field] = str(value)
+    assignments.update(_split_overrides(extra))
+    return override(Config(), assignments)
+
+
+def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .train import Interrupted, train
+
+    config = _resolved_config(args, extra)
+    try:
+        run_dir = train(config, resume=args.resume)
+    except Interrupted as stopped:
+        print(f"sculpt train: {stopped}", file=sys.stderr)
+        return 130
+    print(f"wrote {run_dir}: samples/final.png, loss.png, ema.safetensors")
+    return 0
+
+
+def _config(args: argparse.Namespace, extra: list[str]) -> int:
+    from .config import to_json
+
+    print(to_json(_resolved_config(args, extra)))
+    return 0
+
+
+def _nets(args: argparse.Namespace, extra: list[str]) -> int:
+    import torch
+
+    from .nets import NETS
+
+    print(f"{'preset':<18s} {'parameters':>14s}   (at {args.channels}x{args.res}x{args.res}, unconditional)")
+    for name, factory in NETS.items():
+        with torch.device("meta"):
+            net = factory(in_channels=args.channels, resolution=args.res)
+        print(f"{name:<18s} {sum(p.numel() for p in net.parameters()):>14,d}")
+    return 0
+
+
+def _sample(args: argparse.Namespace, extra: list[str]) -> int:
+    import numpy as np
+    import torch
+
+    from .images import save_grid, save_trajectory
+    from .samplers import NFE, sample
+    from .train import load
+
+    if extra:
+        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.n < 1:
+        raise ValueError(f"-n must be >= 1 (got {args.n})")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    denoiser, config = load(args.run, ema=not args.raw, device=device)
+    shape = (args.n, config.data.channels, config.data.resolution, config.data.resolution)
+    cond = None
+    if config.model.num_classes:
+        labels = (
+            torch.arange(args.n) % config.model.num_classes if args.label is None else torch.full((args.n,), args.label)
+        )
+        cond = {"class_labels": labels.to(device)}
+    recorded: list = []
+    steps_to_keep: set[int] = set()
+    if args.trajectory:
+        total = args.steps
+        steps_to_keep = {round(i * (total - 1) / (args.trajectory_columns - 1)) for i in range(args.trajectory_columns)}
+    callback = (
+        (lambda info: recorded.append(info) if info.index in steps_to_keep else None) if args.trajectory else None
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    images = (
+        sample(
+            denoiser,
+            shape,
+            sampler=args.sampler,
+            steps=args.steps,
+            spacing=args.spacing,
+            generator=generator,
+            callback=callback,
+            device=device,
+        )
+        .float()
+        .cpu()
+    )
+    out = args.out or ("samples.npz" if args.format == "npz" else "samples.png")
+    if args.format == "npz":
+        np.savez_compressed(out, images=images.numpy(), labels=(cond["class_labels"].cpu().numpy() if cond else []))
+    else:
+        scale = max(1, 256 // (config.data.resolution * max(1, int(args.n**0.5))))
+        save_grid(out, images, nrow=config.model.num_classes or None, scale=max(scale, 2))
+    print(
+        f"wrote {out}: {args.n} samples, {args.sampler} with {args.steps} steps ({NFE[args.sampler](args.steps)} NFE)"
+    )
+    if args.trajectory:
+        shown = min(args.n, 4)
+        # x is shown in its variance-preserving scale x / sqrt(1 + sigma^2), so noise and image
+        # share one colour range; x0_hat is the denoiser's estimate at the start of the step.
+        states = [(info.x[:shown] / math.sqrt(1 + info.sigma_next**2)).float().cpu() for info in recorded]
+        estimates = [info.x0_hat[:shown].float().cpu() for info in recorded]
+        rows = [torch.stack([state[j] for state in states]).clamp(-1, 1) for j in range(shown)]
+        rows += [torch.stack([estimate[j] for estimate in estimates]).clamp(-1, 1) for j in range(shown)]
+        labels = [f"x #{j}" for j in range(shown)] + [f"x0_hat #{j}" for j in range(shown)]
+        column_labels = [f"s={info.sigma_next:.3g}" for info in recorded]
+        save_trajectory(
+            args.trajectory,
+            rows,
+            labels=labels,
+            column_labels=column_labels,
+            scale=max(2, 64 // config.data.resolution),
+        )
+        print(f"wrote {args.trajectory}: the denoising path at {len(recorded)} steps (x above, x0_hat below)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .samplers import SAMPLERS
+
     parser = argparse.ArgumentParser(prog="sculpt", description="Train, sample and evaluate diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train a model (default: a small UNet on the built-in 8x8 digits)",
+        description="Train a diffusion model. Any config field can be set with --section.field=value; "
+        "`sculpt config` prints them all.",
+    )
+    train.add_argument("--data", default=None, help="digits | mnist:PATH | cifar10:PATH | FOLDER | hf:NAME")
+    train.add_argument("--net", default=None, help="a preset from `sculpt nets`")
+    train.add_argument("--steps", type=int, default=None, help="training steps")
+    train.add_argument("--out", default=None, help="run folder (default runs/digits)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.set_defaults(handler=_train)
+
+    config = commands.add_parser("config", help="print the resolved default config (with any overrides)")
+    config.add_argument("--data", default=None)
+    config.add_argument("--net", default=None)
+    config.add_argument("--steps", type=int, default=None)
+    config.add_argument("--out", default=None)
+    config.set_defaults(handler=_config)
+
+    nets = commands.add_parser("nets", help="list network presets and their parameter counts")
+    nets.add_argument("--res", type=int, default=32)
+    nets.add_argument("--channels", type=int, default=3)
+    nets.set_defaults(handler=_nets)
+
+    sample = commands.add_parser("sample", help="draw samples from a trained run")
+    sample.add_argument("run", help="run folder written by `sculpt train`")
+    sample.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
+    sample.add_argument("--steps", type=int, default=20)
+    sample.add_argument("--spacing", default=None, help="step grid: leading | trailing | linspace | karras | logsnr")
+    sample.add_argument("-n", type=int, default=64, help="number of samples")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--label", type=int, default=None, help="class label for class-conditional runs")
+    sample.add_argument("--out", default=None, help="output file (default samples.png / samples.npz)")
+    sample.add_argument("--format", default="png", choices=["png", "npz"])
+    sample.add_argument("--trajectory", default=None, metavar="PNG", help="also draw the denoising path")
+    sample.add_argument("--trajectory-columns", type=int, default=8)
+    sample.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    sample.add_argument("--device", default=None)
+    sample.set_defaults(handler=_sample)
 
     schedule = commands.add_parser("schedule", help="print and plot noise schedules (log-SNR, alpha_bar)")
     schedule.add_argument("names", nargs="*", help="schedule names (default: all)")
@@ -42,15 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--base-res", type=int, default=64, help="resolution the schedule was tuned for")
     schedule.add_argument("--zero-snr", action="store_true", help="also show the zero-terminal-SNR variants")
     schedule.add_argument("--plot", metavar="PNG", default=None, help="write the plot here")
-    schedule.set_defaults(run=_schedule)
+    schedule.set_defaults(handler=lambda args, extra: _schedule(args))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
     try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+        return args.handler(args, extra)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         print(f"sculpt {args.command}: error: {error}", file=sys.stderr)
         return 2
 
