@@ -1,0 +1,170 @@
+"""The training loop end to end: overfitting, exact resume, atomic checkpoints, loading, the CLI."""
+
+import json
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sculpt import train as train_module
+from sculpt.cli import main
+from sculpt.config import Config, override
+from sculpt.data import load_dataset
+from sculpt.denoiser import Denoiser
+from sculpt.nets import NETS
+from sculpt.schedules import make
+from sculpt.train import Interrupted, load, train
+
+TINY = {
+    "model.net_options": '{"base_channels": 16}',
+    "train.batch_size": "16",
+    "train.log_every": "1",
+    "train.sample_every": "0",
+    "train.num_samples": "4",
+    "train.sample_steps": "2",
+    "train.warmup": "3",
+}
+
+
+def tiny_config(out, **extra):
+    return override(Config(), {**TINY, "out": str(out), **{k: str(v) for k, v in extra.items()}})
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_few_images_are_overfitted():
+    torch.manual_seed(0)
+    x0 = load_dataset("digits").images[:4]
+    D = Denoiser(NETS["unet-tiny"](in_channels=1, resolution=8), make("cosine"), "v")
+    sigma = torch.tensor([0.3, 0.8, 1.5, 3.0])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.Adam(D.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = D.loss(x0, sigma=sigma, noise=noise).mean()
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first / 10, (first, loss.item())
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    whole = train(tiny_config(tmp_path / "whole", **{"train.steps": 12}), progress=False)
+    part = train(tiny_config(tmp_path / "part", **{"train.steps": 5, "train.checkpoint_every": 0}), progress=False)
+    assert len(losses(part)) == 5
+    train(tiny_config(tmp_path / "part", **{"train.steps": 12}), resume=True, progress=False)
+    assert losses(part) == losses(whole)  # bit for bit on the CPU
+    a, _ = load(whole)
+    b, _ = load(part)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tmp_path):
+    whole = train(tiny_config(tmp_path / "whole", **{"train.steps": 30}), progress=False)
+    config = tiny_config(tmp_path / "killed", **{"train.steps": 30, "train.checkpoint_every": 0})
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
+    with pytest.raises(Interrupted, match="Resume with: sculpt train --resume") as stopped:
+        train(config, progress=False)
+    timer.cancel()
+    assert 0 < stopped.value.step < 30
+    assert (tmp_path / "killed" / "checkpoints" / f"step_{stopped.value.step:06d}" / "complete").is_file()
+    train(config, resume=True, progress=False)
+    assert losses(tmp_path / "killed") == losses(whole)
+
+
+def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path / "run", **{"train.steps": 6, "train.checkpoint_every": 3})
+    real_save = torch.save
+    calls = []
+
+    def dying_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint dies half-written
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(config, progress=False)
+    monkeypatch.setattr(train_module.torch, "save", real_save)
+    run = tmp_path / "run"
+    assert [p.name for p in train_module._complete_checkpoints(run)] == ["step_000003"]
+    denoiser, loaded = load(run)  # the published weights are the last good ones
+    assert loaded.train.steps == 6
+    train(config, resume=True, progress=False)  # the half-written folder is ignored
+    assert len(losses(run)) == 6
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path / "run", **{"train.steps": 10, "train.checkpoint_every": 2})
+    real_loss = Denoiser.loss
+    count = {"n": 0}
+
+    def loss(self, *args, **kwargs):
+        count["n"] += 1
+        value = real_loss(self, *args, **kwargs)
+        return value * float("nan") if count["n"] >= 4 else value
+
+    monkeypatch.setattr(Denoiser, "loss", loss)
+    with pytest.raises(FloatingPointError, match=r"by step 4; the last good checkpoint is .*step_000002"):
+        train(config, progress=False)
+    assert [p.name for p in train_module._complete_checkpoints(tmp_path / "run")] == ["step_000002"]
+
+
+def test_load_names_mismatched_keys_and_shapes(tmp_path):
+    run = train(tiny_config(tmp_path / "run", **{"train.steps": 2}), progress=False)
+    denoiser, config = load(run)
+    assert config.data.resolution == 8 and config.data.channels == 1
+    assert not denoiser.training and denoiser.prediction == "v"
+    saved = json.loads((run / "config.json").read_text())
+    saved["model"]["net_options"] = {"base_channels": 32}
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"shape differences .*checkpoint \(16,.*vs model \(32,"):
+        load(run)
+    saved["model"]["net"] = "dit-tiny/2"
+    saved["model"]["net_options"] = {}
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="missing keys"):
+        load(run)
+
+
+def test_refuses_to_overwrite_a_run_and_missing_data(tmp_path):
+    config = tiny_config(tmp_path / "run", **{"train.steps": 1})
+    train(config, progress=False)
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(config, progress=False)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train(tiny_config(tmp_path / "new"), resume=True, progress=False)
+    with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
+        train(override(config, {"data.name": str(tmp_path / "nowhere"), "out": str(tmp_path / "x")}), progress=False)
+
+
+def test_cli_train_sample_schedule(tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = [f"--{k}={v}" for k, v in TINY.items()]
+    assert main(["train", "--steps", "3", "--out", str(run), *overrides, "--model.class_cond=true"]) == 0
+    assert (run / "samples" / "final.png").is_file() and (run / "loss.png").is_file()
+    grid, traj, npz = tmp_path / "grid.png", tmp_path / "traj.png", tmp_path / "s.npz"
+    assert main(["sample", str(run), "-n", "10", "--steps", "4", "--out", str(grid), "--trajectory", str(traj)]) == 0
+    image = np.asarray(Image.open(grid))
+    # class-conditional: one row per class, 10 samples -> 1 row of 10 tiles of 8 px (+ padding), scaled
+    assert image.shape[0] * 10 < image.shape[1] * 2
+    assert Image.open(traj).size[0] > 0
+    assert main(["sample", str(run), "-n", "5", "--steps", "3", "--format", "npz", "--out", str(npz)]) == 0
+    arrays = np.load(npz)
+    assert arrays["images"].shape == (5, 1, 8, 8) and list(arrays["labels"]) == [0, 1, 2, 3, 4]
+    plot = tmp_path / "schedules.png"
+    assert main(["schedule", "linear", "cosine", "--res", "128", "--zero-snr", "--plot", str(plot)]) == 0
+    assert Image.open(plot).size == (1320, 504)
+    assert main(["train", "--out", str(tmp_path / "bad"), "--train.lrr=1"]) == 2
+    assert "valid here" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "missing")]) == 2
