@@ -88,9 +88,7 @@ class NoiseEmbedding(nn.Module):
         super().__init__()
         self.freq_dim = freq_dim
         self.max_period = max_period
-        self.mlp = nn.Sequential(
-            nn.Linear(freq_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
     def forward(self, c_noise: Tensor) -> Tensor:
         features = timestep_embedding(c_noise, self.freq_dim, self.max_period)  # (B, F)
@@ -128,11 +126,7 @@ class ResBlock(nn.Module):
         # nn.Identity when dropout is off: nn.Dropout(0) still costs a pass in training.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip = (
-            nn.Conv2d(in_channels, out_channels, 1)
-            if in_channels != out_channels
-            else nn.Identity()
-        )
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, Co, H, W)

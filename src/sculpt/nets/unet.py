@@ -202,8 +202,7 @@ class UNet(nn.Module):
             c_noise = c_noise.reshape(batch)
         else:
             raise ValueError(
-                f"c_noise must be a scalar or hold one value per sample ({batch}), "
-                f"got shape {tuple(c_noise.shape)}"
+                f"c_noise must be a scalar or hold one value per sample ({batch}), got shape {tuple(c_noise.shape)}"
             )
         emb = self.noise_embedding(c_noise)  # (B, E)
         if self.class_embedding is not None:
@@ -218,9 +217,7 @@ class UNet(nn.Module):
         # Every residual block starts its embedding projection with a SiLU; do it once.
         return F.silu(emb).to(x.dtype)  # (B, E)
 
-    def forward(
-        self, x: Tensor, c_noise: Tensor | float, class_labels: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         """Args: x (B, C, H, W); c_noise (B,) float or a scalar; class_labels (B,) long.
 
         Returns (B, out_channels, H, W).
@@ -256,9 +253,7 @@ UNET_NETS: dict[str, functools.partial[UNet]] = {
     # Minutes on a CPU for 8x8 / 16x16 / 28x28 digits (0.7M parameters). Attention only
     # in the middle block, i.e. at the lowest resolution whatever `resolution` is; two
     # levels so any even size runs.
-    "unet-tiny": functools.partial(
-        UNet, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=()
-    ),
+    "unet-tiny": functools.partial(UNet, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=()),
     # A few M parameters: 28x28 / 32x32 datasets on one GPU or a patient CPU.
     "unet-small": functools.partial(
         UNet, base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=()
