@@ -45,6 +45,7 @@ class DiffusionConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 3000
+    time_limit: float = 0.0  #: stop after this many seconds of training (0: off), as if steps were reached
     batch_size: int = 128
     lr: float = 2e-3
     warmup: int = 100  #: linear learning-rate warmup steps

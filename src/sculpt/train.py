@@ -362,7 +362,9 @@ def train(
     window_steps, window_start = 0, time.perf_counter()
     bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     with _stop_on_signals() as stop:
-        while step < t.steps:
+        started = time.perf_counter()
+        last = step >= t.steps  # a resumed run that already reached its steps only writes the final grid
+        while not last:
             images, labels = next(stream)
             images = images.to(device, non_blocking=True)
             cond = {}
@@ -386,10 +388,11 @@ def train(
                 for ema_buffer, buffer in zip(ema.buffers(), net.buffers(), strict=True):
                     ema_buffer.copy_(buffer)
             step += 1
+            last = step >= t.steps or bool(t.time_limit and time.perf_counter() - started > t.time_limit)
             window_loss += loss.detach()
             window_steps += 1
 
-            if step % t.log_every == 0 or step == t.steps or stop["stop"]:
+            if step % t.log_every == 0 or last or stop["stop"]:
                 mean_loss = (window_loss / window_steps).item()  # the one host sync per log interval
                 if not math.isfinite(mean_loss):
                     last = _complete_checkpoints(run_dir)
@@ -413,13 +416,13 @@ def train(
                 window_steps, window_start = 0, time.perf_counter()
             bar.update(1)
 
-            if t.sample_every and step % t.sample_every == 0 and step < t.steps:
+            if t.sample_every and step % t.sample_every == 0 and not last:
                 _sample_grid(
                     ema_denoiser, config, grid_noise, grid_labels, run_dir / "samples" / f"step_{step:06d}.png"
                 )
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or stop["stop"]:
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or last or stop["stop"]:
                 checkpoint_now()
-            if stop["stop"] and step < t.steps:
+            if stop["stop"] and not last:
                 bar.close()
                 raise Interrupted(step, run_dir)
     bar.close()
