@@ -168,3 +168,19 @@ def test_cli_train_sample_schedule(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "bad"), "--train.lrr=1"]) == 2
     assert "valid here" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "missing")]) == 2
+
+
+MNIST = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-5k"
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist-5k is not here")
+def test_mnist_and_dit_train_through_the_same_loop(tmp_path):
+    run = train(tiny_config(tmp_path / "mnist", **{"train.steps": 2, "data.name": f"mnist:{MNIST}"}), progress=False)
+    denoiser, config = load(run)
+    assert (config.data.resolution, config.data.channels) == (28, 1)
+    dit = tiny_config(tmp_path / "dit", **{"train.steps": 2, "model.net": "dit-tiny/2", "model.net_options": "{}",
+                                           "diffusion.schedule": "edm", "diffusion.prediction": "edm",
+                                           "diffusion.weighting": "edm"})
+    denoiser, config = load(train(dit, progress=False))
+    assert type(denoiser.net).__name__ == "DiT" and config.diffusion.prediction == "edm"
+    assert torch.isfinite(torch.tensor(losses(tmp_path / "dit"))).all()
