@@ -7,6 +7,7 @@ the Python API cannot.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -143,8 +144,10 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
             generator=generator,
             callback=callback,
             device=device,
+            cond=cond,
         )
         .float()
+        .clamp(-1, 1)  # data lives in [-1, 1]; a sample's overshoot is not information
         .cpu()
     )
     out = args.out or ("samples.npz" if args.format == "npz" else "samples.png")
@@ -174,6 +177,83 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
             scale=max(2, 64 // config.data.resolution),
         )
         print(f"wrote {args.trajectory}: the denoising path at {len(recorded)} steps (x above, x0_hat below)")
+    return 0
+
+
+def _eval(args: argparse.Namespace, extra: list[str]) -> int:
+    import torch
+
+    from . import evaluate as ev
+
+    if extra:
+        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+    metrics = ev.parse_metrics(args.metrics)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.real or args.fake:
+        if not (args.real and args.fake and args.features):
+            raise ValueError("scoring two image sets needs all of --real, --fake and --features")
+        record = ev.evaluate_sets(
+            args.real, args.fake, metrics=metrics, features=args.features, seed=args.seed, device=device
+        )
+        out = args.out or "eval.json"
+    else:
+        if not args.run:
+            raise ValueError("give a run folder (sculpt eval RUN) or two image sets (--real ... --fake ...)")
+        ctx = ev.prepare(args.run, features=args.features, split=args.split, device=device)
+        if args.sweep:
+            grid = ev.parse_sweep(args.sweep)
+            plot = args.plot or str(ctx.run_dir / "eval_sweep.png")
+            rows = ev.sweep(
+                ctx,
+                grid=grid,
+                metrics=metrics,
+                n=args.n,
+                seed=args.seed,
+                sampler=args.sampler,
+                steps=args.steps,
+                split=args.split,
+                plot=plot,
+                device=device,
+            )
+            record = {"sweep": rows}
+            print(f"wrote {plot}")
+        else:
+            record = ev.evaluate_run(
+                ctx,
+                metrics=metrics,
+                n=args.n,
+                sampler=args.sampler,
+                steps=args.steps,
+                seed=args.seed,
+                split=args.split,
+                device=device,
+            )
+        out = args.out or str(ctx.run_dir / ("eval_sweep.json" if args.sweep else "eval.json"))
+    ev.write_record(out, record)
+    if "scores" in record:
+        for name, value in record["scores"].items():
+            print(f"{name}: {json.dumps(value, default=float)}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _features(args: argparse.Namespace, extra: list[str]) -> int:
+    from .data import load_dataset
+    from .metrics.features import train_classifier
+
+    if extra:
+        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+    train_set = load_dataset(args.data, resolution=args.resolution)
+    try:
+        test_set = load_dataset(args.data, resolution=args.resolution, split="test")
+    except (ValueError, FileNotFoundError):
+        test_set = None
+    extractor, accuracy = train_classifier(train_set, test_dataset=test_set, steps=args.steps, seed=args.seed)
+    path = extractor.save(args.out)
+    held_out = (
+        f"held-out accuracy {accuracy:.4f} on {len(test_set)} images" if test_set is not None else "no test split"
+    )
+    print(f"wrote {path}: classifier on {args.data} ({held_out}); use --features classifier:{args.out}")
     return 0
 
 
@@ -223,6 +303,48 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     sample.add_argument("--device", default=None)
     sample.set_defaults(handler=_sample)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a run (or two image sets) with FID, KID, IS, precision/recall, bits/dim",
+        description="Sample from a run's EMA model and score it against its dataset, writing every setting "
+        "beside every number (eval.json).",
+    )
+    evaluate.add_argument("run", nargs="?", default=None, help="run folder written by `sculpt train`")
+    evaluate.add_argument("--metrics", default="fid,kid,pr", help="comma list of fid,kid,is,pr,fid_inf,bpd")
+    evaluate.add_argument("-n", "--n", type=int, default=10_000, help="samples to draw")
+    evaluate.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
+    evaluate.add_argument("--steps", type=int, default=20)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--split", default="train", help="reference split of the run's dataset")
+    evaluate.add_argument(
+        "--features",
+        default=None,
+        help="classifier:DIR | inception:PATH (default: a domain classifier fitted on the run's data)",
+    )
+    evaluate.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="steps=5,10,20 and/or sampler=ddim,heun: a quality-vs-NFE table and plot",
+    )
+    evaluate.add_argument("--plot", default=None, help="sweep plot path (default RUN/eval_sweep.png)")
+    evaluate.add_argument("--real", default=None, help="a dataset spec, folder or .npz of real images")
+    evaluate.add_argument("--fake", default=None, help="a folder or .npz of generated images")
+    evaluate.add_argument("--out", default=None, help="where to write the record (default RUN/eval.json)")
+    evaluate.add_argument("--device", default=None)
+    evaluate.set_defaults(handler=_eval)
+
+    features = commands.add_parser("features", help="domain feature extractors for evaluation")
+    features_commands = features.add_subparsers(dest="features_command", required=True)
+    features_train = features_commands.add_parser("train", help="fit a small CNN classifier on a labelled dataset")
+    features_train.add_argument("--data", default="digits")
+    features_train.add_argument("--resolution", type=int, default=None)
+    features_train.add_argument("--steps", type=int, default=600)
+    features_train.add_argument("--seed", type=int, default=0)
+    features_train.add_argument("--out", default="features/digits", help="folder for classifier.safetensors/.json")
+    features_train.set_defaults(handler=_features)
 
     schedule = commands.add_parser("schedule", help="print and plot noise schedules (log-SNR, alpha_bar)")
     schedule.add_argument("names", nargs="*", help="schedule names (default: all)")

@@ -1,0 +1,83 @@
+"""`sculpt eval` end to end on a tiny run: a complete record, the sweep, two image sets, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sculpt.cli import main
+from sculpt.config import Config, override
+from sculpt.train import train
+
+
+@pytest.fixture(scope="module")
+def run_and_features(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    config = override(Config(), {
+        "out": str(root / "run"), "train.steps": "3", "train.batch_size": "16", "train.sample_every": "0",
+        "train.num_samples": "4", "train.sample_steps": "2", "model.net_options": '{"base_channels": 16}',
+    })
+    run = train(config, progress=False)
+    assert main(["features", "train", "--data", "digits", "--steps", "40", "--out", str(root / "feat")]) == 0
+    return run, root / "feat"
+
+
+def test_eval_writes_a_complete_record(run_and_features, capsys):
+    run, feat = run_and_features
+    with pytest.warns(UserWarning, match="below the recommended"):
+        code = main(["eval", str(run), "--metrics", "fid,kid,is,pr", "-n", "160", "--steps", "3",
+                     "--features", f"classifier:{feat}"])
+    assert code == 0
+    record = json.loads((run / "eval.json").read_text())
+    scores = record["scores"]
+    assert scores["fid"] > 0 and np.isfinite(scores["fid"])
+    assert set(scores["kid"]) == {"mean", "std", "subset_size"}
+    assert 1.0 <= scores["is"]["mean"] <= 10.0  # 10 classes bound the Inception-style score
+    assert 0 <= scores["pr"]["precision"] <= 1 and 0 <= scores["pr"]["recall"] <= 1
+    for key in ["n_fake", "n_real", "seed", "sampler", "steps", "nfe", "guidance", "checkpoint_sha256",
+                "extractor", "extractor_weights_sha256", "resize", "reference_key", "versions", "warnings"]:
+        assert key in record, key
+    assert record["n_fake"] == 160 and record["n_real"] == 1500 and record["nfe"] == 3
+    assert record["versions"]["torch"] and len(record["warnings"]) == 4
+    # the same seed gives the same numbers; the reference statistics come from the cache
+    main(["eval", str(run), "--metrics", "fid", "-n", "160", "--steps", "3", "--features", f"classifier:{feat}",
+          "--out", str(run / "again.json")])
+    assert json.loads((run / "again.json").read_text())["scores"]["fid"] == pytest.approx(scores["fid"], rel=1e-9)
+
+
+def test_sweep_table_and_plot(run_and_features, capsys):
+    run, feat = run_and_features
+    plot = run / "sweep.png"
+    assert main(["eval", str(run), "--metrics", "fid", "-n", "140", "--features", f"classifier:{feat}",
+                 "--sweep", "steps=2,4", "--sweep", "sampler=ddim,heun", "--plot", str(plot)]) == 0
+    rows = json.loads((run / "eval_sweep.json").read_text())["sweep"]
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 2), ("ddim", 4, 4),
+                                                                   ("heun", 2, 3), ("heun", 4, 7)]
+    assert Image.open(plot).size[0] > 300
+    assert "heun" in capsys.readouterr().out
+
+
+def test_two_image_sets(run_and_features, tmp_path):
+    run, feat = run_and_features
+    fake = tmp_path / "fake.npz"
+    assert main(["sample", str(run), "-n", "140", "--steps", "2", "--format", "npz", "--out", str(fake)]) == 0
+    out = tmp_path / "sets.json"
+    assert main(["eval", "--real", "digits", "--fake", str(fake), "--metrics", "fid,pr",
+                 "--features", f"classifier:{feat}", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["n_real"] == 1500 and record["n_fake"] == 140 and record["scores"]["fid"] > 0
+
+
+def test_bad_input(run_and_features, tmp_path, capsys):
+    run, feat = run_and_features
+    assert main(["eval", str(run), "--metrics", "fid,sharpness"]) == 2
+    assert "valid: fid, kid, is, pr, fid_inf, bpd" in capsys.readouterr().err
+    assert main(["eval", str(run), "--metrics", "fid", "-n", "20", "--features", f"classifier:{feat}"]) == 2
+    assert "at least 129" in capsys.readouterr().err  # FID needs more samples than feature dimensions
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "--real", str(empty), "--fake", str(empty), "--features", f"classifier:{feat}"]) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert main(["eval", str(run), "--sweep", "cfg=1,2"]) == 2
+    assert main(["eval"]) == 2
