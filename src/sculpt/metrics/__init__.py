@@ -1,5 +1,16 @@
 """Evaluation metrics: feature extractors and the maths of FID, KID, IS and friends."""
 
+from sculpt.metrics.features import (
+    ClassifierExtractor,
+    FeatureExtractor,
+    get_extractor,
+    load_classifier,
+    preprocess,
+    reference_stats,
+    train_classifier,
+)
+from sculpt.metrics.inception import InceptionExtractor, load_inception
+from sculpt.metrics.likelihood import LikelihoodResult, bits_per_dim, bpd_ode, bpd_vlb
 from sculpt.metrics.stats import (
     REFERENCE_META_KEYS,
     FIDInfinity,
@@ -32,4 +43,21 @@ __all__ = [
     "load_reference",
     "precision_recall",
     "save_reference",
+]
+
+# Feature extractors and likelihoods.
+__all__ += [
+    "ClassifierExtractor",
+    "FeatureExtractor",
+    "InceptionExtractor",
+    "LikelihoodResult",
+    "bits_per_dim",
+    "bpd_ode",
+    "bpd_vlb",
+    "get_extractor",
+    "load_classifier",
+    "load_inception",
+    "preprocess",
+    "reference_stats",
+    "train_classifier",
 ]

@@ -176,7 +176,10 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """pytorch-fid's FID Inception-v3: ``forward(x [N, 3, 299, 299] in [-1, 1]) -> (pool3 [N, 2048], logits [N, 1008])``."""
+    """pytorch-fid's FID Inception-v3.
+
+    ``forward(x [N, 3, 299, 299] in [-1, 1]) -> (pool3 [N, 2048], logits [N, 1008])``.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -280,7 +283,9 @@ def load_inception(path: str | os.PathLike | None = None, *, device: str | torch
     if path is None:
         path = os.environ.get(INCEPTION_WEIGHTS_ENV)
         if not path:
-            raise FileNotFoundError(_missing_weights_message(f"no Inception weights given and {INCEPTION_WEIGHTS_ENV} is unset"))
+            raise FileNotFoundError(
+                _missing_weights_message(f"no Inception weights given and {INCEPTION_WEIGHTS_ENV} is unset")
+            )
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(_missing_weights_message(f"no Inception weights file at {path}"))
