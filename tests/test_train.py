@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import threading
 
 import numpy as np
 import pytest
@@ -67,16 +66,22 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
         assert torch.equal(p, q), name
 
 
-def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tmp_path):
+def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
     whole = train(tiny_config(tmp_path / "whole", **{"train.steps": 30}), progress=False)
     config = tiny_config(tmp_path / "killed", **{"train.steps": 30, "train.checkpoint_every": 0})
-    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    timer.start()
+    real_decay = train_module._ema_decay
+
+    def decay_then_signal(step, config):  # called once per step: deliver a real SIGTERM mid-run
+        if step == 11:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_decay(step, config)
+
+    monkeypatch.setattr(train_module, "_ema_decay", decay_then_signal)
     with pytest.raises(Interrupted, match="Resume with: sculpt train --resume") as stopped:
         train(config, progress=False)
-    timer.cancel()
-    assert 0 < stopped.value.step < 30
-    assert (tmp_path / "killed" / "checkpoints" / f"step_{stopped.value.step:06d}" / "complete").is_file()
+    monkeypatch.setattr(train_module, "_ema_decay", real_decay)
+    assert stopped.value.step == 12  # the step in flight finishes, then the checkpoint
+    assert (tmp_path / "killed" / "checkpoints" / "step_000012" / "complete").is_file()
     train(config, resume=True, progress=False)
     assert losses(tmp_path / "killed") == losses(whole)
 

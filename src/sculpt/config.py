@@ -46,7 +46,8 @@ class DiffusionConfig:
 class TrainConfig:
     steps: int = 3000
     time_limit: float = 0.0  #: stop after this many seconds of training (0: off), as if steps were reached
-    batch_size: int = 128
+    batch_size: int = 128  #: per process; the effective batch is batch_size * world_size * grad_accum
+    grad_accum: int = 1  #: micro-batches per optimizer step
     lr: float = 2e-3
     warmup: int = 100  #: linear learning-rate warmup steps
     weight_decay: float = 0.0
@@ -57,6 +58,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"  #: fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
     compile: bool = False  #: torch.compile the network
+    channels_last: bool = False  #: NHWC memory format (faster convolutions on GPUs and some CPUs)
+    world_size: int = 1  #: resolved: number of data-parallel processes
+    effective_batch: int = 0  #: resolved: batch_size * world_size * grad_accum
     log_every: int = 10  #: steps between log.jsonl lines (mean loss over the interval)
     sample_every: int = 1000  #: steps between sample grids (EMA weights, fixed noise); 0: off
     checkpoint_every: int = 500  #: steps between checkpoints; 0: only at the end / on interrupt

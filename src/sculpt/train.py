@@ -204,6 +204,63 @@ def load(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = 
 # -- the loop ----------------------------------------------------------------------------
 
 
+class World:
+    """The processes of a data-parallel run (one when not launched by torchrun / accelerate launch).
+
+    ``accelerate launch -m sculpt train`` and ``torchrun -m sculpt train`` both set RANK,
+    WORLD_SIZE and LOCAL_RANK; the process group uses NCCL on GPUs and gloo on CPUs.
+    """
+
+    def __init__(self, rank: int, size: int, device: torch.device):
+        self.rank, self.size, self.device = rank, size, device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device: str | torch.device | None = None) -> World:
+        import torch.distributed as dist
+
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local)
+        if size > 1 and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank() if size > 1 else 0, size, device)
+
+    def agree(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag true if it is true on any process (stop requests, time limits)."""
+        if self.size == 1:
+            return flags
+        import torch.distributed as dist
+
+        values = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in values.tolist())
+
+    def mean(self, value: Tensor) -> float:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            value = value.detach().clone()
+            dist.all_reduce(value)
+            value /= self.size
+        return float(value)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
 @contextmanager
 def _stop_on_signals():
     """First Ctrl-C / SIGTERM asks the loop to stop after this step; a second one aborts."""
@@ -250,6 +307,8 @@ def _check_config(config: Config) -> None:
         raise ValueError(f"train.steps and train.batch_size must be >= 1 (got {t.steps}, {t.batch_size})")
     if t.lr <= 0:
         raise ValueError(f"train.lr must be positive (got {t.lr})")
+    if t.grad_accum < 1:
+        raise ValueError(f"train.grad_accum must be >= 1 (got {t.grad_accum})")
     if t.log_every < 1 or t.sample_every < 0 or t.checkpoint_every < 0:
         raise ValueError("train.log_every must be >= 1; sample_every and checkpoint_every >= 0")
 
@@ -286,7 +345,8 @@ def train(
     from tqdm.auto import tqdm
 
     run_dir = Path(config.out)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = World.from_environment(device)
+    device = world.device
     checkpoint = None
     if resume:
         found = _complete_checkpoints(run_dir)
@@ -299,21 +359,33 @@ def train(
     if dataset is None:
         dataset = load_dataset(config.data.name, resolution=config.data.resolution, channels=config.data.channels)
     config = resolve(config, dataset)
+    config = replace(
+        config,
+        train=replace(
+            config.train,
+            world_size=world.size,
+            effective_batch=config.train.batch_size * world.size * config.train.grad_accum,
+        ),
+    )
     t = config.train
 
     torch.manual_seed(t.seed)
     denoiser = build_denoiser(config).to(device)
     net = denoiser.net
+    if t.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     ema = build_denoiser(config).net.to(device).requires_grad_(False).eval()
     ema.load_state_dict(net.state_dict())
     ema_denoiser = Denoiser(ema, denoiser.schedule, denoiser.prediction, denoiser.sigma_data)
-    if t.compile:
-        denoiser.net = torch.compile(net)
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(net.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     noise_generator = torch.Generator().manual_seed(t.seed + 1)
-    stream = batches(dataset, t.batch_size, generator=torch.Generator().manual_seed(t.seed), hflip=config.data.hflip)
+    # Every process walks the same global stream of batches (batch_size * world_size per micro-step)
+    # and the same global noise draws, and keeps its own slice: so the run is the same whatever
+    # the number of processes, and a checkpoint resumes under any other number.
+    global_batch = t.batch_size * world.size
+    stream = batches(dataset, global_batch, generator=torch.Generator().manual_seed(t.seed), hflip=config.data.hflip)
     num_classes = config.model.num_classes
     step = 0
 
@@ -327,15 +399,24 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         stream.load_state_dict(state["data"])
         step = int(state["step"])
-        _truncate_log(run_dir / "log.jsonl", step)
-    else:
+        if world.main:
+            _truncate_log(run_dir / "log.jsonl", step)
+    elif world.main:
         if run_dir.exists() and any(run_dir.glob("*.safetensors")):
             raise FileExistsError(
                 f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
             )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "log.jsonl").write_text("")
-    _write_text(run_dir / "config.json", cfg.to_json(config))
+    if world.main:
+        _write_text(run_dir / "config.json", cfg.to_json(config))
+
+    model = net
+    if t.compile:
+        model = torch.compile(model)
+    if world.size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if fused else None)
+    denoiser.net = model  # the loss runs through the compiled / data-parallel wrapper; weights live in net
 
     fixed = torch.Generator().manual_seed(t.seed + 2)
     grid_noise = torch.randn((t.num_samples, *dataset.images.shape[1:]), generator=fixed).to(device)
@@ -349,10 +430,24 @@ def train(
             "noise_rng": noise_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "data": stream.state_dict(),
+            "world_size": world.size,
         }
 
-    def checkpoint_now() -> None:
-        save_checkpoint(run_dir, step, net, ema, state_dict(), config, keep=t.keep_checkpoints)
+    def micro_batch() -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """This process's slice of the next global batch, noise levels, noise and labels."""
+        images, labels = next(stream)
+        sigma = denoiser.schedule.sample_sigma(global_batch, generator=noise_generator)
+        noise = torch.randn(images.shape, generator=noise_generator)
+        mine = slice(world.rank * t.batch_size, (world.rank + 1) * t.batch_size)
+        cond = {}
+        if num_classes:
+            drop = torch.rand(global_batch, generator=noise_generator) < t.label_dropout
+            cond["class_labels"] = torch.where(drop, num_classes, labels)[mine].to(device)
+        images, noise = images[mine].to(device, non_blocking=True), noise[mine].to(device, non_blocking=True)
+        if t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        return images, sigma[mine], noise, cond
 
     net.train()
     params = [p for p in net.parameters()]
@@ -360,25 +455,24 @@ def train(
     log_path = run_dir / "log.jsonl"
     window_loss = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
-    bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=step, disable=not (progress and world.main), unit="step", dynamic_ncols=True)
     with _stop_on_signals() as stop:
         started = time.perf_counter()
         last = step >= t.steps  # a resumed run that already reached its steps only writes the final grid
         while not last:
-            images, labels = next(stream)
-            images = images.to(device, non_blocking=True)
-            cond = {}
-            if num_classes:
-                drop = torch.rand(len(labels), generator=noise_generator) < t.label_dropout
-                cond["class_labels"] = torch.where(drop, num_classes, labels).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = t.lr * min(1.0, (step + 1) / max(t.warmup, 1))
-            with _autocast(device, t.precision):
-                loss = denoiser.loss(
-                    images, weighting=config.diffusion.weighting, generator=noise_generator, **cond
-                ).mean()
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            for micro in range(t.grad_accum):
+                images, sigma, noise, cond = micro_batch()
+                # gradients are averaged across processes only on the last micro-batch
+                sync = world.size == 1 or micro == t.grad_accum - 1
+                with _autocast(device, t.precision), nullcontext() if sync else model.no_sync():
+                    loss = denoiser.loss(
+                        images, weighting=config.diffusion.weighting, sigma=sigma, noise=noise, **cond
+                    ).mean()
+                    scaler.scale(loss / t.grad_accum).backward()
+                window_loss += loss.detach() / t.grad_accum
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
             scaler.step(optimizer)
@@ -388,15 +482,16 @@ def train(
                 for ema_buffer, buffer in zip(ema.buffers(), net.buffers(), strict=True):
                     ema_buffer.copy_(buffer)
             step += 1
-            last = step >= t.steps or bool(t.time_limit and time.perf_counter() - started > t.time_limit)
-            window_loss += loss.detach()
+            over_time = bool(t.time_limit and time.perf_counter() - started > t.time_limit)
+            stopping, over_time = world.agree(stop["stop"], over_time)  # every process stops at the same step
+            last = step >= t.steps or over_time
             window_steps += 1
 
-            if step % t.log_every == 0 or last or stop["stop"]:
-                mean_loss = (window_loss / window_steps).item()  # the one host sync per log interval
+            if step % t.log_every == 0 or last or stopping:
+                mean_loss = world.mean(window_loss / window_steps)  # the one host sync per log interval
                 if not math.isfinite(mean_loss):
-                    last = _complete_checkpoints(run_dir)
-                    where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                    found = _complete_checkpoints(run_dir)
+                    where = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
                     raise FloatingPointError(
                         f"loss became {mean_loss} by step {step}; {where}. Lower --train.lr, keep "
                         "--train.grad_clip on, or use --train.precision=fp32."
@@ -407,27 +502,31 @@ def train(
                     "loss": mean_loss,
                     "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": float(grad_norm),
-                    "img_per_s": window_steps * t.batch_size / elapsed,
+                    "img_per_s": window_steps * global_batch * t.grad_accum / elapsed,
                 }
-                with log_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                if world.main:
+                    with log_path.open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['img_per_s']:.0f}")
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             bar.update(1)
 
-            if t.sample_every and step % t.sample_every == 0 and not last:
+            if world.main and t.sample_every and step % t.sample_every == 0 and not last:
                 _sample_grid(
                     ema_denoiser, config, grid_noise, grid_labels, run_dir / "samples" / f"step_{step:06d}.png"
                 )
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or last or stop["stop"]:
-                checkpoint_now()
-            if stop["stop"] and not last:
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or last or stopping:
+                if world.main:
+                    save_checkpoint(run_dir, step, net, ema, state_dict(), config, keep=t.keep_checkpoints)
+                world.barrier()
+            if stopping and not last:
                 bar.close()
                 raise Interrupted(step, run_dir)
     bar.close()
-    _sample_grid(ema_denoiser, config, grid_noise, grid_labels, run_dir / "samples" / "final.png")
-    _plot_log(run_dir)
+    if world.main:
+        _sample_grid(ema_denoiser, config, grid_noise, grid_labels, run_dir / "samples" / "final.png")
+        _plot_log(run_dir)
     return run_dir
 
 
