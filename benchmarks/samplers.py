@@ -14,13 +14,14 @@ Metrics, each against a fresh true sample of the same size n:
   ``gm.responsibilities(x)``) is k;
 - the floor: the same two numbers for a second true sample (true vs true).
 
-Run ``python benchmarks/samplers.py`` (about 4 minutes on 2 cores; ``--quick`` for a
+Run ``python benchmarks/samplers.py`` (under 3 minutes on 2 cores; ``--quick`` for a
 smoke run). The plot goes to benchmarks/out/samplers.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -39,8 +40,11 @@ NFES = (5, 10, 20, 50)
 #: sculpt's samplers in the tables (euler is ddim with eta = 0: not repeated; the ancestral ddpm / euler_ancestral
 #: are far off at these NFE, on both sides, and left out to keep the run short).
 SCULPT_SAMPLERS = ("ddim", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "dpmpp_2m_sde")
-#: diffusers' timestep_spacing choices: sculpt's uniform-t grids of the same names give the same levels.
+#: diffusers' timestep_spacing choices. sculpt's uniform-t grids of these names are DDIM's and Euler's levels
+#: exactly; diffusers' multistep schedulers (DPM-Solver, UniPC, DEIS) space n + 1 levels and drop t = 0 instead.
 SPACINGS = ("leading", "trailing", "linspace")
+#: The grids both sides offer: the "same grids" comparison restricts sculpt to these.
+SHARED_GRIDS = (*SPACINGS, "karras")
 #: DDPM's linear betas, as diffusers configures them.
 DIFFUSERS_BASE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                       prediction_type="epsilon")
@@ -265,11 +269,11 @@ def run_diffusers_loop(cls: type, options: dict, steps: int, noise: Tensor, mode
     scheduler = cls(**DIFFUSERS_BASE, **options)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(2)
-    stochastic = "generator" in scheduler.step.__code__.co_varnames
+    # Ancestral / SDE steps draw noise from a generator; deterministic steps have no such argument.
+    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         eps = model(scheduler.scale_model_input(x, t), t)
-        extra = {"generator": generator} if stochastic else {}
         x = scheduler.step(eps, t, x, **extra).prev_sample
     return x
 
@@ -291,7 +295,7 @@ def check_many_steps(truth: Truth, schedule: schedules.Schedule, noise: Tensor, 
 
     denoise = exact_denoiser(truth.gm)
     seen, lines = set(), []
-    runs = [(f"DDPM {d.DDPMScheduler().config.num_train_timesteps}", d.DDPMScheduler, dict(clip_sample=False), 1000)]
+    runs = [("DDPM", d.DDPMScheduler, dict(clip_sample=False), 1000)]
     for family, cls, options in diffusers_configs():
         if family not in seen:
             seen.add(family)
@@ -337,10 +341,10 @@ def print_best_table(results: list[Result]) -> None:
 
 def comparisons(sculpt: list[Result], diffusers: list[Result]) -> list[str]:
     lines = []
-    same_grid = lambda r: r.config in SPACINGS
     for target in NFES:
         theirs = best(diffusers, target)
-        for name, where in (("same grids", same_grid), ("best grid", lambda r: True)):
+        for name, where in (("grids diffusers offers", lambda r: r.config in SHARED_GRIDS),
+                            ("any sculpt grid", lambda r: True)):
             ours = best(sculpt, target, where)
             lines.append(f"NFE {target} frechet ({name}): sculpt {ours.label} {ours.fd:.3g}, "
                          f"diffusers best ({theirs.label}) {theirs.fd:.3g}, {theirs.fd / ours.fd:.2f}x")
@@ -363,16 +367,20 @@ def plot(runs: dict[int, tuple[Truth, list[Result], list[Result]]], path: Path) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 5.5), squeeze=False)
     for ax, (dim, (truth, sculpt, diffusers)) in zip(axes[0], runs.items(), strict=True):
-        for results, style in ((sculpt, "-"), (diffusers, "--")):
-            for family in dict.fromkeys(r.family for r in results):
-                fds = [best(results, t, lambda r, f=family: r.family == f).fd for t in NFES]
-                ax.plot(NFES, fds, style, marker="o", markersize=3, label=f"{results[0].side} {family}")
+        lines = [(results, family, style) for results, style in ((sculpt, "-"), (diffusers, "--"))
+                 for family in dict.fromkeys(r.family for r in results)]
+        colors = plt.get_cmap("tab20").colors  # up to 20 lines, each its own colour
+        for (results, family, style), color in zip(lines, colors * 2, strict=False):
+            fds = [best(results, t, lambda r, f=family: r.family == f).fd for t in NFES]
+            ax.plot(NFES, fds, style, color=color, marker="o", markersize=3, label=f"{results[0].side} {family}")
         ax.axhline(truth.floor[0], color="k", lw=0.8, label="true vs true")
         ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="Frechet distance (best grid / config)",
                title=f"{dim}-D Gaussian mixture, n = {len(truth.reference)}")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(NFES, [str(t) for t in NFES])
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -389,6 +397,9 @@ def main() -> None:
                         help="first run every diffusers scheduler at STEPS steps (and DDPM at 1000): all should "
                              "reach the floor, which validates the eps model (about 2 more minutes at 250)")
     args = parser.parse_args()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # DPMSolverSinglestep warns on every odd step count
     if args.quick:
         args.n = 2000
     # The work is many small batched ops; on 2 cores a second thread costs more than it gives.
