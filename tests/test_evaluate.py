@@ -81,3 +81,18 @@ def test_bad_input(run_and_features, tmp_path, capsys):
     assert str(empty) in capsys.readouterr().err
     assert main(["eval", str(run), "--sweep", "cfg=1,2"]) == 2
     assert main(["eval"]) == 2
+
+
+def test_training_time_fid_is_logged_and_labelled(run_and_features, tmp_path):
+    _, feat = run_and_features
+    config = override(Config(), {
+        "out": str(tmp_path / "run"), "train.steps": "4", "train.batch_size": "16", "train.sample_every": "0",
+        "train.num_samples": "4", "train.sample_steps": "2", "model.net_options": '{"base_channels": 16}',
+        "train.eval_every": "2", "train.eval_n": "150", "train.eval_features": f"classifier:{feat}",
+    })
+    run = train(config, progress=False)
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "eval" in line]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert all(e["eval"]["fid"] > 0 and e["eval"]["n"] == 150 and "small n" in e["eval"]["note"] for e in evals)
+    assert (run / "loss.png").is_file()

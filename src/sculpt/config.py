@@ -68,6 +68,9 @@ class TrainConfig:
     num_samples: int = 64  #: images in each sample grid
     sampler: str = "dpmpp_2m"  #: sampler for the grids
     sample_steps: int = 20
+    eval_every: int = 0  #: steps between small-n FID checks logged to log.jsonl (0: off)
+    eval_n: int = 500  #: samples per training-time FID (small: biased upward, only for watching trends)
+    eval_features: str = ""  #: classifier:DIR | inception:PATH; empty: fit a classifier on the data once
 
 
 @dataclass(frozen=True)

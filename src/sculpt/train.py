@@ -422,6 +422,8 @@ def train(
     grid_noise = torch.randn((t.num_samples, *dataset.images.shape[1:]), generator=fixed).to(device)
     grid_labels = (torch.arange(t.num_samples) % num_classes).to(device) if num_classes else None
 
+    watcher = _TrainingFID(config, dataset, run_dir, device) if world.main and t.eval_every else None
+
     def state_dict() -> dict:
         return {
             "optimizer": optimizer.state_dict(),
@@ -516,6 +518,9 @@ def train(
                 _sample_grid(
                     ema_denoiser, config, grid_noise, grid_labels, run_dir / "samples" / f"step_{step:06d}.png"
                 )
+            if watcher is not None and step % t.eval_every == 0:
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps({"step": step, "eval": watcher(ema_denoiser, step)}) + "\n")
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or last or stopping:
                 if world.main:
                     save_checkpoint(run_dir, step, net, ema, state_dict(), config, keep=t.keep_checkpoints)
@@ -530,6 +535,55 @@ def train(
     return run_dir
 
 
+class _TrainingFID:
+    """FID at small n during training, against the training data, clearly labelled as such."""
+
+    def __init__(self, config: Config, dataset: ImageDataset, run_dir: Path, device: torch.device):
+        from .evaluate import default_extractor
+        from .metrics.features import get_extractor, reference_stats
+
+        t = config.train
+        if t.eval_features:
+            self.extractor = get_extractor(t.eval_features, device=device)
+        else:
+            self.extractor = default_extractor(run_dir, dataset, config.data.name, progress=False)
+        self.reference = reference_stats(
+            self.extractor,
+            dataset.images,
+            dataset=config.data.name,
+            split="train",
+            cache_dir=run_dir / "features" / "reference",
+            progress=False,
+        )
+        self.config, self.device = config, device
+
+    def __call__(self, ema_denoiser: Denoiser, step: int) -> dict:
+        from .evaluate import generate
+        from .metrics.stats import frechet_distance
+
+        t, data = self.config.train, self.config.data
+        fake = generate(
+            ema_denoiser,
+            (data.channels, data.resolution, data.resolution),
+            t.eval_n,
+            sampler=t.sampler,
+            steps=t.sample_steps,
+            seed=t.seed,
+            progress=False,
+            num_classes=self.config.model.num_classes,
+            device=self.device,
+        )
+        fid = frechet_distance(self.reference.feats, self.extractor.features(fake, progress=False))
+        return {
+            "fid": fid,
+            "n": t.eval_n,
+            "extractor": self.extractor.name,
+            "sampler": t.sampler,
+            "steps": t.sample_steps,
+            "note": "training-time FID at small n (biased upward); report numbers from `sculpt eval`",
+        }
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (they will be redone)."""
     if not path.is_file():
@@ -541,7 +595,8 @@ def _truncate_log(path: Path, step: int) -> None:
 def _plot_log(run_dir: Path) -> None:
     from .plots import plot_loss
 
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    records = [r for r in (json.loads(line) for line in lines if line.strip()) if "loss" in r]
     if records:
         plot_loss(
             run_dir / "loss.png",
