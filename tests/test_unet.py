@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sculpt.nets import UNET_NETS, UNet
-from sculpt.nets.layers import count_parameters, timestep_embedding
+from sculpt.nets.layers import Upsample, attention, count_parameters, timestep_embedding
 
 # Reduced sizes that keep each preset's structure (levels, blocks, attention, heads)
 # but run a forward/backward in well under a second.
@@ -205,3 +205,41 @@ def test_timestep_embedding_values():
     # Odd widths pad one zero channel; any leading shape, including 0-d, is kept.
     assert timestep_embedding(c_noise, 7)[:, -1].abs().max() == 0
     assert timestep_embedding(torch.tensor(3.0), 6).shape == (6,)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 5, 7), (1, 4, 1, 1)])
+def test_upsample_is_nearest_then_conv3x3(shape):
+    # Upsample runs as a stride-2 transposed conv with a kernel summed from its conv3x3;
+    # it must be that very function, values and gradients, in any layout.
+    torch.manual_seed(0)
+    up = Upsample(4).double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    reference = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    out = up(x)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(reference, [x, up.conv.weight], grad)
+    got = torch.autograd.grad(out, [x, up.conv.weight], grad)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(up(x_cl), reference, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_matmul_path_matches_sdpa():
+    # Training in bf16 on the CPU takes two matmuls around a softmax instead of SDPA; both
+    # must be softmax(q k^T / sqrt(d)) v to bf16 round-off, values and gradients.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, dtype=torch.float64) for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    inputs = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out = attention(*inputs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), reference, rtol=0, atol=3e-2)
+    out.float().square().sum().backward()
+    exact = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.nn.functional.scaled_dot_product_attention(*exact).square().sum().backward()
+    for got, expected in zip(inputs, exact, strict=True):
+        torch.testing.assert_close(got.grad.double(), expected.grad, rtol=0, atol=0.1)
+    # Everywhere else it is SDPA itself.
+    torch.testing.assert_close(attention(q, k, v), reference, rtol=0, atol=0)

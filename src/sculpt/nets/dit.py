@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import attention
+
 __all__ = ["DIT_NETS", "DiT", "patchify", "unpatchify"]
 
 # Width of the sinusoidal timestep features fed to the timestep MLP (the paper's value).
@@ -87,11 +89,13 @@ def unpatchify(tokens: Tensor, patch_size: int, height: int, width: int) -> Tens
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN modulation: per-sample affine transform of normalised tokens.
+    """adaLN modulation: per-sample affine transform of normalised tokens, in one pass.
 
-    `1 + scale` so that a zero modulation leaves the normalised tokens unchanged.
+    `1 + scale` so that a zero modulation leaves the normalised tokens unchanged. The result
+    has the modulation's dtype: under autocast that is the bf16/fp16 the following linear
+    layer casts its input to anyway, so the tokens are written once, at half the bytes.
     """
-    return x * (1 + scale[:, None]) + shift[:, None]  # [B, N, D]
+    return torch.addcmul(shift[:, None], x.to(shift.dtype), 1 + scale[:, None])  # [B, N, D]
 
 
 class TimestepEmbedder(nn.Module):
@@ -112,7 +116,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention` (fused kernels)."""
+    """Multi-head self-attention through `layers.attention` (SDPA's fused kernels on the whole)."""
 
     def __init__(self, hidden_size: int, num_heads: int) -> None:
         super().__init__()
@@ -126,7 +130,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x)  # [B, N, 3*D]
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)  # [B, N, 3, heads, D/heads]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, D/heads]
-        x = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, D/heads]
+        x = attention(q, k, v)  # [B, heads, N, D/heads]
         x = x.transpose(1, 2).reshape(batch, tokens, hidden)  # [B, N, D]
         return self.proj(x)  # [B, N, D]
 
@@ -161,9 +165,10 @@ class DiTBlock(nn.Module):
         # adaLN: shift/scale/gate for attention, then for the MLP; each [B, D]
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, 1)
         attn_out = self.attn(modulate(self.norm1(x), shift_attn, scale_attn))  # [B, N, D]
-        x = x + gate_attn[:, None] * self.dropout(attn_out)  # [B, N, D]
+        # Gated residual adds, x + gate * branch, each in one pass (and in x's dtype).
+        x = torch.addcmul(x, gate_attn[:, None], self.dropout(attn_out))  # [B, N, D]
         mlp_out = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # [B, N, D]
-        return x + gate_mlp[:, None] * self.dropout(mlp_out)  # [B, N, D]
+        return torch.addcmul(x, gate_mlp[:, None], self.dropout(mlp_out))  # [B, N, D]
 
 
 class FinalLayer(nn.Module):
