@@ -409,7 +409,7 @@ def _headline(value: Any) -> float:
 
 
 def plot_sweep(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    from .plots import _pyplot
+    from .plots import _pyplot, save_figure
 
     plt = _pyplot()
     metric = next(m for m in ("fid", "kid", "fid_inf", "is") if m in rows[0]["scores"])
@@ -425,12 +425,7 @@ def plot_sweep(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def evaluate_sets(

@@ -19,6 +19,16 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG (creating parent folders) and close a figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_schedules(path: str | Path, schedules: Sequence[tuple[str, Schedule]]) -> Path:
     """log-SNR and alpha_bar against native time t, one line per (label, schedule)."""
     plt = _pyplot()
@@ -37,12 +47,7 @@ def plot_schedules(path: str | Path, schedules: Sequence[tuple[str, Schedule]]) 
     for ax in (ax_snr, ax_ab):
         ax.grid(alpha=0.3)
     ax_ab.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_loss(path: str | Path, steps: Sequence[int], losses: Sequence[float], smooth: int = 50) -> Path:
@@ -58,9 +63,4 @@ def plot_loss(path: str | Path, steps: Sequence[int], losses: Sequence[float], s
     ax.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

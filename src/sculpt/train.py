@@ -34,6 +34,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
 from . import config as cfg
+from .checkpoint import state_dict_mismatches
 from .config import Config
 from .data import ImageDataset, batches, load_dataset
 from .denoiser import Denoiser
@@ -146,13 +147,9 @@ def _load_into(module: nn.Module, path: Path, what: str) -> None:
     """Load safetensors weights, explaining any mismatch by key and shape."""
     state = load_file(str(path))
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if state[k].shape != own[k].shape
-    ]
+    missing, unexpected, mismatched = state_dict_mismatches(own, state)
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    shapes = [f"{k}: checkpoint {found} vs model {wanted}" for k, found, wanted in sorted(mismatched)]
     if missing or unexpected or shapes:
         lines = [f"{what} {path} does not match the model built from its config:"]
         if missing:

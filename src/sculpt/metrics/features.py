@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sculpt.checkpoint import state_dict_mismatches
 from sculpt.data import ImageDataset, _set_channels
 from sculpt.images import to_uint8
 from sculpt.metrics.stats import REFERENCE_META_KEYS, ReferenceStats, load_reference, save_reference
@@ -303,13 +304,9 @@ def load_classifier(path_dir: str | Path, *, device: str | torch.device = "cpu")
     extractor = ClassifierExtractor(config)
     state = load_file(str(weights))
     expected = extractor.net.state_dict()
-    problems = [f"missing {key}" for key in expected if key not in state]
-    problems += [f"unexpected {key}" for key in state if key not in expected]
-    problems += [
-        f"{key}: file has shape {tuple(state[key].shape)}, config implies {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state and state[key].shape != value.shape
-    ]
+    missing, unexpected, shapes = state_dict_mismatches(expected, state)
+    problems = [f"missing {key}" for key in missing] + [f"unexpected {key}" for key in unexpected]
+    problems += [f"{key}: file has shape {found}, config implies {wanted}" for key, found, wanted in shapes]
     if problems:
         raise ValueError(
             f"{weights} does not match {config_path} (widths {config['widths']}, "

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sculpt.checkpoint import state_dict_mismatches
 from sculpt.metrics.features import FeatureExtractor, file_hash
 
 __all__ = [
@@ -293,13 +294,9 @@ def load_inception(path: str | os.PathLike | None = None, *, device: str | torch
     network = FIDInceptionV3()
     expected = {key: value for key, value in network.state_dict().items() if not key.endswith("num_batches_tracked")}
     state = {key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
-    problems = [f"missing {key}" for key in expected if key not in state]
-    problems += [f"unexpected {key}" for key in state if key not in expected]
-    problems += [
-        f"{key}: file has {tuple(state[key].shape)}, expected {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state and state[key].shape != value.shape
-    ]
+    missing, unexpected, shapes = state_dict_mismatches(expected, state)
+    problems = [f"missing {key}" for key in missing] + [f"unexpected {key}" for key in unexpected]
+    problems += [f"{key}: file has {found}, expected {wanted}" for key, found, wanted in shapes]
     if problems:
         raise ValueError(
             f"{path} is not the FID Inception-v3 state dict ({len(problems)} problems: "
