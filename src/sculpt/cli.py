@@ -12,6 +12,8 @@ import math
 import sys
 from collections.abc import Sequence
 
+from .runtime import tune_cpu_allocator
+
 
 def _schedule(args: argparse.Namespace) -> int:
     from .plots import plot_schedules
@@ -358,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
+    tune_cpu_allocator()  # the commands move large tensors on the CPU (sculpt.runtime)
     try:
         return args.handler(args, extra)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:

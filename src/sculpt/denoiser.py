@@ -130,8 +130,13 @@ def _per_sample(sigma: Tensor | float, x: Tensor) -> Tensor:
 
 
 def _expand(values: Tensor, x: Tensor) -> Tensor:
-    """[B] -> [B, 1, 1, ...] on x's device and dtype, to broadcast against x."""
-    return values.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    """[B] -> [B, 1, 1, ...] on x's device and dtype, to broadcast against x.
+
+    The copy of a CPU tensor to an accelerator is ``non_blocking``: a blocking one would wait
+    for all queued GPU work (a host-device synchronisation in every training step). From
+    pageable memory CUDA stages the bytes before returning, so the source may be freed.
+    """
+    return values.to(device=x.device, dtype=x.dtype, non_blocking=True).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def _unit_state(x: Tensor, sigma: Tensor) -> Tensor:
@@ -232,7 +237,7 @@ class Denoiser(nn.Module):
 
     def _net(self, u: Tensor, s: Scalings, cond: dict[str, Tensor]) -> Tensor:
         # c_noise stays float32 even under bf16: DDPM's timestep 999 is 1000 in bf16.
-        c_noise = s.c_noise.to(device=u.device, dtype=torch.float32)
+        c_noise = s.c_noise.to(device=u.device, dtype=torch.float32, non_blocking=True)
         out = self.net(_expand(s.c_in, u) * u, c_noise, **cond)
         if out.shape != u.shape:
             raise ValueError(
@@ -270,7 +275,7 @@ class Denoiser(nn.Module):
             sigma = self.schedule.sample_sigma(x0.shape[0], generator=generator)
         sigma = _per_sample(sigma, x0)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device, non_blocking=True)
         s = self.scalings(sigma)
         u = _unit_state(add_noise(x0, sigma, noise), sigma)
         # u = alpha x0 + sigma_vp eps, so the target (x0 - c_skip u) / c_out splits exactly:
@@ -281,7 +286,7 @@ class Denoiser(nn.Module):
         out = self._net(u, s, cond)
         mse = (out.float() - target.float()).pow(2).flatten(1).mean(1)
         weight = WEIGHTINGS[weighting](sigma, s, self.sigma_data)
-        return weight.to(device=mse.device, dtype=mse.dtype) * mse
+        return weight.to(device=mse.device, dtype=mse.dtype, non_blocking=True) * mse
 
 
 def q_sample(schedule: Schedule, x0: Tensor, t: Tensor | float, noise: Tensor) -> Tensor:
