@@ -16,12 +16,18 @@ A training step is what each library's own loop does: sculpt ``Denoiser.loss(x0)
 same batch under ``torch.inference_mode()``. sculpt and diffusers repetitions alternate
 and the medians are reported, so a busy machine slows both alike.
 
+Each side runs in its own process, as each library's users run it: sculpt's process tunes
+glibc's allocator on the CPU as every ``sculpt`` command and ``sculpt.train`` do
+(``sculpt.runtime.tune_cpu_allocator``); diffusers' keeps the default. ``--same-allocator``
+gives diffusers' process the same settings, which compares the networks alone.
+
 Peak memory is the growth above what is resident before the step (weights, AdamW state):
 activations, gradients and temporaries. On CUDA it is ``torch.cuda.max_memory_allocated``;
 on the CPU the process RSS (/proc/self/statm) sampled every millisecond by a thread,
 after ``malloc_trim`` has handed freed memory back, during one untimed step.
 
-    python benchmarks/throughput.py                    # CPU, 1 thread: about 5.5 minutes on 2 busy cores
+    python benchmarks/throughput.py                    # CPU, 1 thread: about 7 minutes on 2 cores
+    python benchmarks/throughput.py --same-allocator   # the networks alone: both sides tune malloc
     python benchmarks/throughput.py --quick            # smoke run, batch 8
     python benchmarks/throughput.py --device cuda --compile
     python benchmarks/throughput.py --profile unet     # torch.profiler top ops of one training step
@@ -39,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +54,9 @@ from torch import nn
 from sculpt.denoiser import Denoiser
 from sculpt.nets import DiT, UNet
 from sculpt.nets.layers import count_parameters
+from sculpt.runtime import tune_cpu_allocator
 from sculpt.schedules import make
+from sculpt.train import make_optimizer
 
 RESOLUTION = 32
 CHANNELS = 3
@@ -148,17 +156,13 @@ class Side:
     train_step: Callable[[], None]
     sample_step: Callable[[], None]
     net: nn.Module
-    train_s: list[float] = field(default_factory=list)
-    sample_s: list[float] = field(default_factory=list)
-    train_mb: float = float("nan")
-    sample_mb: float = float("nan")
 
 
 def sculpt_side(net: nn.Module, x0: torch.Tensor, cond: dict, mode: Mode, device: torch.device) -> Side:
     denoiser = Denoiser(net, make("linear"), "eps")
     train_net = torch.compile(net) if mode.compile else net
     denoiser.net = train_net
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    optimizer = make_optimizer(net.parameters(), lr=1e-4)  # what sculpt.train uses
     scaler = torch.amp.GradScaler(device.type, enabled=mode.precision == "fp16")
     generator = torch.Generator().manual_seed(1)
     # Sampling: one evaluation of D(x, sigma) at noise levels spread over the schedule.
@@ -187,7 +191,7 @@ def diffusers_side(net: nn.Module, x0: torch.Tensor, cond: dict, mode: Mode, dev
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)  # DDPM's linear betas, epsilon target
     model = torch.compile(net) if mode.compile else net
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)  # diffusers' example scripts
     scaler = torch.amp.GradScaler(device.type, enabled=mode.precision == "fp16")
     batch = x0.shape[0]
     timesteps = torch.linspace(50, 999, batch, device=device).long()
@@ -279,21 +283,112 @@ def _timed(step: Callable[[], None], device: torch.device, inner: int) -> float:
     return (time.perf_counter() - start) / inner
 
 
-def measure(sides: list[Side], device: torch.device, reps: int, inner: int, memory: bool) -> None:
+def measure(sides: list[Remote], reps: int, inner: int, memory: bool) -> None:
     """Warm up, take each side's peak memory in one untimed step, then alternate timed repetitions."""
     for what in ("sample", "train"):
         for side in sides:
-            step = getattr(side, f"{what}_step")
-            step()  # first call: kernel selection, optimizer state, compilation
+            side("warm", what)
             if memory:
-                with PeakMemory(device) as peak:
-                    step()
-                setattr(side, f"{what}_mb", peak.mib)
+                setattr(side, f"{what}_mb", side("memory", what))
             else:
-                step()
+                side("warm", what)
         for _ in range(reps):
             for side in sides:
-                getattr(side, f"{what}_s").append(_timed(getattr(side, f"{what}_step"), device, inner))
+                getattr(side, f"{what}_s").append(side("time", what, inner))
+
+
+# -- one process per side -----------------------------------------------------------------
+
+
+def build_side(name: str, model: str, mode: Mode, options: dict, device: torch.device) -> Side:
+    """One side of a pair, built from the same seed and numbers as its peer."""
+    torch.manual_seed(0)
+    if model == "unet":
+        sculpt_net, diffusers_net = build_unets()
+    else:
+        sculpt_net, diffusers_net = build_dits(options["dit_patch"], options["dit_depth"])
+    net = sculpt_net if name == "sculpt" else diffusers_net
+    memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
+    net = net.to(device, memory_format=memory_format)
+    x0 = (torch.rand(options["batch"], CHANNELS, RESOLUTION, RESOLUTION, device=device) * 2 - 1).contiguous(
+        memory_format=memory_format
+    )
+    cond = {}
+    if model == "dit":
+        cond = {"class_labels": torch.arange(options["batch"], device=device) % NUM_CLASSES}
+    return (sculpt_side if name == "sculpt" else diffusers_side)(net, x0, cond, mode, device)
+
+
+def _serve(connection, name: str, model: str, mode: Mode, options: dict, tune_allocator: bool) -> None:
+    """A worker process: build one side, then answer ("warm"|"memory"|"time"|"profile", ...) until "quit"."""
+    device = torch.device(options["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(options["threads"])
+    if tune_allocator:
+        tune_cpu_allocator()
+    try:
+        side = build_side(name, model, mode, options, device)
+        connection.send(("ok", None))
+        while True:
+            command, *rest = connection.recv()
+            if command == "quit":
+                break
+            step = getattr(side, f"{rest[0]}_step") if rest else None
+            answer = None
+            if command == "warm":  # first call: kernel selection, optimizer state, compilation
+                step()
+            elif command == "memory":
+                with PeakMemory(device) as peak:
+                    step()
+                answer = peak.mib
+            elif command == "time":
+                answer = _timed(step, device, rest[1])
+            elif command == "profile":
+                profile(side)
+            else:
+                raise ValueError(f"unknown command {command!r}")
+            connection.send(("ok", answer))
+    except Exception:
+        import traceback
+
+        connection.send(("error", traceback.format_exc()))
+
+
+class Remote:
+    """One side of a comparison, running in its own process.
+
+    Each library runs as its users run it: sculpt's process tunes glibc's allocator as every
+    ``sculpt`` command and ``sculpt.train`` do on a CPU (``sculpt.runtime``), the peer's keeps
+    the default unless ``--same-allocator``. Separate processes also keep one side's freed
+    memory and allocator state from helping or hurting the other.
+    """
+
+    def __init__(self, name: str, model: str, mode: Mode, options: dict, tune_allocator: bool) -> None:
+        import multiprocessing
+
+        self.name, self.tuned = name, tune_allocator
+        self.train_s: list[float] = []
+        self.sample_s: list[float] = []
+        self.train_mb = self.sample_mb = float("nan")
+        context = multiprocessing.get_context("spawn")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve, args=(child, name, model, mode, options, tune_allocator), daemon=True
+        )
+        self._process.start()
+        self()  # wait until it is built
+
+    def __call__(self, *command):
+        if command:
+            self._connection.send(command)
+        status, answer = self._connection.recv()
+        if status == "error":
+            raise RuntimeError(f"the {self.name} worker failed:\n{answer}")
+        return answer
+
+    def close(self) -> None:
+        self._connection.send(("quit",))
+        self._process.join()
 
 
 # -- profiling ----------------------------------------------------------------------------
@@ -318,25 +413,24 @@ CATEGORIES = (
 )
 
 
-def profile(sides: list[Side], rows: int = 15) -> None:
-    """One training step of each side under torch.profiler: time by category and the top ops."""
+def profile(side: Side, rows: int = 15) -> None:
+    """One training step under torch.profiler: time by category and the top ops."""
     from torch.profiler import ProfilerActivity, profile
 
-    for side in sides:
+    side.train_step()
+    side.train_step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         side.train_step()
-        side.train_step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            side.train_step()
-        averages = prof.key_averages()
-        total = sum(event.self_cpu_time_total for event in averages)
-        by_category: dict[str, float] = {}
-        for event in averages:
-            category = next((cat for key, cat in CATEGORIES if key in event.key), "other elementwise + optimizer")
-            by_category[category] = by_category.get(category, 0.0) + event.self_cpu_time_total
-        print(f"\n{side.name}: one training step, {total / 1e6:.2f} s of self CPU time")
-        for category, micros in sorted(by_category.items(), key=lambda item: -item[1]):
-            print(f"  {category:32s} {micros / 1e6:6.2f} s  {100 * micros / total:5.1f}%")
-        print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+    averages = prof.key_averages()
+    total = sum(event.self_cpu_time_total for event in averages)
+    by_category: dict[str, float] = {}
+    for event in averages:
+        category = next((cat for key, cat in CATEGORIES if key in event.key), "other elementwise + optimizer")
+        by_category[category] = by_category.get(category, 0.0) + event.self_cpu_time_total
+    print(f"\n{side.name}: one training step, {total / 1e6:.2f} s of self CPU time")
+    for category, micros in sorted(by_category.items(), key=lambda item: -item[1]):
+        print(f"  {category:32s} {micros / 1e6:6.2f} s  {100 * micros / total:5.1f}%")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -359,22 +453,15 @@ def machine(device: torch.device, threads: int) -> str:
     return f"{name}, {os.cpu_count()} logical cores, {threads} torch thread(s), torch {torch.__version__}"
 
 
-def make_pair(model: str, mode: Mode, args, device: torch.device) -> list[Side]:
-    torch.manual_seed(0)
-    if model == "unet":
-        sculpt_net, diffusers_net = build_unets()
-    else:
-        sculpt_net, diffusers_net = build_dits(args.dit_patch, args.dit_depth)
-    memory_format = torch.channels_last if mode.channels_last else torch.contiguous_format
-    sculpt_net = sculpt_net.to(device, memory_format=memory_format)
-    diffusers_net = diffusers_net.to(device, memory_format=memory_format)
-    x0 = (torch.rand(args.batch, CHANNELS, RESOLUTION, RESOLUTION, device=device) * 2 - 1).contiguous(
-        memory_format=memory_format
+def make_pair(model: str, mode: Mode, args) -> list[Remote]:
+    options = dict(
+        device=args.device, threads=args.threads, batch=args.batch, dit_patch=args.dit_patch, dit_depth=args.dit_depth
     )
-    cond = {}
-    if model == "dit":
-        cond = {"class_labels": torch.arange(args.batch, device=device) % NUM_CLASSES}
-    return [sculpt_side(sculpt_net, x0, cond, mode, device), diffusers_side(diffusers_net, x0, cond, mode, device)]
+    tuned = args.device == "cpu"  # sculpt tunes the allocator only on the CPU
+    return [
+        Remote("sculpt", model, mode, options, tune_allocator=tuned),
+        Remote("diffusers", model, mode, options, tune_allocator=tuned and args.same_allocator),
+    ]
 
 
 def check_parameter_counts(args) -> None:
@@ -409,6 +496,11 @@ def main() -> None:
     parser.add_argument("--dit-depth", type=int, default=None, help="default 6 on CPU, 12 (DiT-S) on CUDA")
     parser.add_argument("--no-memory", action="store_true", help="skip the untimed memory steps")
     parser.add_argument("--profile", choices=("unet", "dit"), help="profile one training step of each side and exit")
+    parser.add_argument(
+        "--same-allocator",
+        action="store_true",
+        help="give diffusers' process sculpt's allocator settings too: compares the networks alone",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -449,8 +541,15 @@ def main() -> None:
     )
     check_parameter_counts(args)
 
+    allocator = "sculpt tunes glibc malloc (sculpt.runtime), diffusers " + (
+        "too (--same-allocator)" if args.same_allocator else "keeps the default"
+    )
+    print(f"one process per side; {allocator if cpu else 'CUDA caching allocator on both sides'}")
+
     if args.profile:
-        profile(make_pair(args.profile, modes[0], args, device))
+        for side in make_pair(args.profile, modes[0], args):
+            side("profile")
+            side.close()
         return
 
     started = time.perf_counter()
@@ -459,9 +558,11 @@ def main() -> None:
         for mode in modes:
             if model == "dit" and mode.channels_last:
                 continue  # a transformer has no convolutions to lay out
-            sides = make_pair(model, mode, args, device)
+            sides = make_pair(model, mode, args)
             row_start = time.perf_counter()
-            measure(sides, device, args.reps, inner, memory=not args.no_memory)
+            measure(sides, args.reps, inner, memory=not args.no_memory)
+            for side in sides:
+                side.close()
             results.append((model, mode, sides))
             sculpt, other = sides
             print(

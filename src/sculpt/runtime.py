@@ -4,10 +4,10 @@ glibc's malloc serves every allocation above a threshold (128 KiB, rising on its
 most 32 MiB) with fresh ``mmap`` pages and gives them back on ``free``; it also returns
 free memory at the top of the heap to the system. A training step allocates and frees
 tens of activations of 16-64 MiB each, so every step the kernel maps and zero-fills them
-again: about 380,000 page faults per step for a 7M-parameter UNet at batch 64, a fifth of
-its CPU time (benchmarks/README.md). Raising both thresholds keeps freed memory in the
-process, where the next step reuses it. The price is that the process keeps its peak
-footprint, which is what the next step needs anyway.
+again: about 290,000 page faults per step for a 7M-parameter UNet at batch 64 on 32x32
+images, and a training step 1.2x slower (benchmarks/README.md, ``throughput.py``).
+Raising both thresholds keeps freed memory in the process, where the next step reuses it.
+The price is that the process keeps its peak footprint, which the next step needs anyway.
 
 ``sculpt`` commands and ``sculpt.train.train`` on a CPU call ``tune_cpu_allocator`` once;
 ``SCULPT_MALLOC_TUNING=0`` in the environment turns it off.

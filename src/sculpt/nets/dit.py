@@ -11,34 +11,16 @@ output means (eps, x0, v, ...) and how `c_noise` is derived from sigma.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import attention
+from .layers import attention, timestep_embedding
 
 __all__ = ["DIT_NETS", "DiT", "patchify", "unpatchify"]
 
 # Width of the sinusoidal timestep features fed to the timestep MLP (the paper's value).
 FREQUENCY_EMBEDDING_SIZE = 256
-
-
-def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of a noise condition (Vaswani et al. 2017; DDPM's time embedding).
-
-    [B] -> [B, dim], cosine half first then sine half, frequencies geometric from 1 down to
-    1/max_period. Same layout as `sculpt.nets.layers.timestep_embedding` (to be deduplicated).
-    """
-    half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=c_noise.device) / half  # [half]
-    freqs = torch.exp(-math.log(max_period) * exponent)  # [half], 1 .. ~1/max_period
-    args = c_noise.float()[:, None] * freqs[None]  # [B, half]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, 2*half]
-    if dim % 2:  # odd dim: pad one zero column so the width is exactly `dim`
-        embedding = F.pad(embedding, (0, 1))
-    return embedding
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
