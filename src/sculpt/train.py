@@ -457,7 +457,10 @@ def train(
         if num_classes:
             drop = torch.rand(global_batch, generator=noise_generator) < t.label_dropout
             cond["class_labels"] = torch.where(drop, num_classes, labels)[mine].to(device)
-        images, noise = images[mine].to(device, non_blocking=True), noise[mine].to(device, non_blocking=True)
+        images, noise = images[mine], noise[mine]
+        if device.type == "cuda":  # page-locked, so the copies below overlap the GPU's work
+            images, noise = images.pin_memory(), noise.pin_memory()
+        images, noise = images.to(device, non_blocking=True), noise.to(device, non_blocking=True)
         if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
             noise = noise.contiguous(memory_format=torch.channels_last)
