@@ -35,7 +35,7 @@ def test_eval_writes_a_complete_record(run_and_features, capsys):
     assert set(scores["kid"]) == {"mean", "std", "subset_size"}
     assert 1.0 <= scores["is"]["mean"] <= 10.0  # 10 classes bound the Inception-style score
     assert 0 <= scores["pr"]["precision"] <= 1 and 0 <= scores["pr"]["recall"] <= 1
-    for key in ["n_fake", "n_real", "seed", "sampler", "steps", "nfe", "guidance", "checkpoint_sha256",
+    for key in ["n_fake", "n_real", "seed", "sampler", "steps", "nfe", "precision", "guidance", "checkpoint_sha256",
                 "extractor", "extractor_weights_sha256", "resize", "reference_key", "versions", "warnings"]:
         assert key in record, key
     assert record["n_fake"] == 160 and record["n_real"] == 1500 and record["nfe"] == 3

@@ -190,3 +190,25 @@ def test_bad_input_messages():
         sample(lambda x, s: x * math.nan, (4, 2), schedule=schedule)
     with pytest.raises(ValueError, match="must return x0_hat of that shape"):
         sample(lambda x, s: x[:, :1], (4, 2), schedule=schedule)
+
+
+def test_precision_runs_the_network_under_autocast_and_keeps_the_state_float32():
+    from sculpt.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(1, resolution=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
+    nn.init.normal_(net.out_conv.weight, std=0.05)  # a fresh UNet outputs exactly zero
+    outputs = []
+    net.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+    D = Denoiser(net, S.make("cosine"), "v")
+
+    def draw(precision):
+        return sample(D, (4, 1, 8, 8), steps=4, generator=torch.Generator().manual_seed(0), precision=precision)
+
+    full, low = draw("fp32"), draw("bf16")
+    assert outputs == [torch.float32] * 4 + [torch.bfloat16] * 4
+    assert full.dtype == low.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: the samples move by round-off, not by more
+    assert 0 < (full - low).abs().max() < 0.02 * full.abs().max()
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        draw("fp8")

@@ -167,6 +167,13 @@ def test_cli_train_sample_schedule(tmp_path, capsys):
     assert main(["sample", str(run), "-n", "5", "--steps", "3", "--format", "npz", "--out", str(npz)]) == 0
     arrays = np.load(npz)
     assert arrays["images"].shape == (5, 1, 8, 8) and list(arrays["labels"]) == [0, 1, 2, 3, 4]
+    batched = tmp_path / "b.npz"
+    argv = ["sample", str(run), "-n", "5", "--steps", "3", "--format", "npz", "--out", str(batched)]
+    assert main([*argv, "--batch-size", "2", "--precision", "bf16"]) == 0
+    arrays = np.load(batched)  # three batches of 2, 2, 1 with their own labels
+    assert arrays["images"].shape == (5, 1, 8, 8) and list(arrays["labels"]) == [0, 1, 2, 3, 4]
+    assert np.isfinite(arrays["images"]).all() and np.abs(arrays["images"]).max() <= 1
+    assert main([*argv, "--batch-size", "0"]) == 2
     plot = tmp_path / "schedules.png"
     assert main(["schedule", "linear", "cosine", "--res", "128", "--zero-snr", "--plot", str(plot)]) == 0
     assert Image.open(plot).size == (1320, 504)

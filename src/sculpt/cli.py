@@ -109,6 +109,7 @@ def _nets(args: argparse.Namespace, extra: list[str]) -> int:
 def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     import numpy as np
     import torch
+    from tqdm.auto import tqdm
 
     from .images import save_grid, save_trajectory
     from .samplers import NFE, sample
@@ -135,23 +136,27 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     callback = (
         (lambda info: recorded.append(info) if info.index in steps_to_keep else None) if args.trajectory else None
     )
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
     generator = torch.Generator().manual_seed(args.seed)
-    images = (
-        sample(
+    chunks = []
+    for start in tqdm(range(0, args.n, args.batch_size), desc="batches", disable=args.n <= args.batch_size):
+        count = min(args.batch_size, args.n - start)
+        chunk = sample(
             denoiser,
-            shape,
+            (count, *shape[1:]),
             sampler=args.sampler,
             steps=args.steps,
             spacing=args.spacing,
             generator=generator,
-            callback=callback,
+            callback=callback if start == 0 else None,  # the trajectory follows the first batch
             device=device,
-            cond=cond,
+            cond={key: value[start : start + count] for key, value in cond.items()} if cond else None,
+            precision=args.precision,
         )
-        .float()
-        .clamp(-1, 1)  # data lives in [-1, 1]; a sample's overshoot is not information
-        .cpu()
-    )
+        # data lives in [-1, 1]; a sample's overshoot is not information
+        chunks.append(chunk.float().clamp(-1, 1).cpu())
+    images = torch.cat(chunks)
     out = args.out or ("samples.npz" if args.format == "npz" else "samples.png")
     if args.format == "npz":
         np.savez_compressed(out, images=images.numpy(), labels=(cond["class_labels"].cpu().numpy() if cond else []))
@@ -229,6 +234,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 seed=args.seed,
                 split=args.split,
                 device=device,
+                precision=args.precision,
             )
         out = args.out or str(ctx.run_dir / ("eval_sweep.json" if args.sweep else "eval.json"))
     ev.write_record(out, record)
@@ -303,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--trajectory", default=None, metavar="PNG", help="also draw the denoising path")
     sample.add_argument("--trajectory-columns", type=int, default=8)
     sample.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    sample.add_argument("--batch-size", type=int, default=256, help="samples drawn at once (memory)")
+    sample.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast for the network"
+    )
     sample.add_argument("--device", default=None)
     sample.set_defaults(handler=_sample)
 
@@ -336,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--fake", default=None, help="a folder or .npz of generated images")
     evaluate.add_argument("--out", default=None, help="where to write the record (default RUN/eval.json)")
     evaluate.add_argument("--device", default=None)
+    evaluate.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast for sampling (not --sweep)"
+    )
     evaluate.set_defaults(handler=_eval)
 
     features = commands.add_parser("features", help="domain feature extractors for evaluation")

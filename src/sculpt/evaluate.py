@@ -86,8 +86,12 @@ def generate(
     num_classes: int = 0,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> Tensor:
-    """n samples in batches (the noise of sample i depends only on seed and i // batch_size)."""
+    """n samples in batches (the noise of sample i depends only on seed and i // batch_size).
+
+    ``precision`` bf16 / fp16 runs the network under autocast (``sculpt.samplers.sample``).
+    """
     from tqdm.auto import tqdm
 
     out = []
@@ -99,7 +103,14 @@ def generate(
         if num_classes:  # labels cycle through the classes, so class balance is exact
             cond = {"class_labels": (torch.arange(start, start + count) % num_classes).to(device)}
         images = sample(
-            denoiser, (count, *shape), sampler=sampler, steps=steps, generator=generator, cond=cond, device=device
+            denoiser,
+            (count, *shape),
+            sampler=sampler,
+            steps=steps,
+            generator=generator,
+            cond=cond,
+            device=device,
+            precision=precision,
         )
         out.append(images.float().clamp(-1, 1).cpu())
         bar.update(count)
@@ -221,6 +232,7 @@ def _record(
     split: str,
     scores: dict,
     seconds: float,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     return {
         "scores": scores,
@@ -230,6 +242,7 @@ def _record(
         "sampler": sampler,
         "steps": steps,
         "nfe": NFE[sampler](steps),
+        "precision": precision,
         "guidance": None,
         "run": str(ctx.run_dir),
         "checkpoint": "ema.safetensors",
@@ -261,8 +274,12 @@ def evaluate_run(
     progress: bool = True,
     bpd_n: int = 256,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Sample n images from the run's EMA model and score them; returns the full record."""
+    """Sample n images from the run's EMA model and score them; returns the full record.
+
+    ``precision`` bf16 / fp16 samples under autocast (recorded; the scores stay float64).
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
     started = time.perf_counter()
@@ -281,6 +298,7 @@ def evaluate_run(
             num_classes=ctx.config.model.num_classes,
             progress=progress,
             device=device,
+            precision=precision,
         )
         scores.update(
             score(image_metrics, ctx.extractor, fake, real_features=ctx.reference.feats, progress=progress, seed=seed)
@@ -297,6 +315,7 @@ def evaluate_run(
         split=split,
         scores=scores,
         seconds=time.perf_counter() - started,
+        precision=precision,
     )
 
 

@@ -19,7 +19,10 @@ import ctypes
 import os
 import sys
 
-__all__ = ["tune_cpu_allocator"]
+__all__ = ["PRECISIONS", "autocast", "tune_cpu_allocator"]
+
+#: Precisions the training loop and the samplers accept: autocast dtypes, fp32 meaning none.
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -54,3 +57,21 @@ def tune_cpu_allocator() -> bool:
     trim_ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     _applied = bool(mmap_ok and trim_ok)
     return _applied
+
+
+def autocast(device, precision: str):
+    """The context a network runs under at ``precision``: ``torch.autocast`` to bf16 / fp16, or nothing.
+
+    Autocast lowers matmuls and convolutions only; the samplers' arithmetic and the losses
+    stay in float32.
+    """
+    import contextlib
+
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(torch.device(device).type, dtype=dtype)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .runtime import autocast
 from .schedules import Schedule, grid
 
 __all__ = ["SAMPLERS", "NFE", "StepInfo", "ddpm", "ddim", "euler", "euler_ancestral", "heun",
@@ -479,6 +480,7 @@ def sample(
     device: torch.device | str | None = None,
     noise: Tensor | None = None,
     cond: dict[str, Tensor] | None = None,
+    precision: str = "fp32",
     **options: float,
 ) -> Tensor:
     """Draw samples: build the step grid, start from noise at sigma_max, run the sampler.
@@ -488,8 +490,10 @@ def sample(
     schedule for ``ddpm``); ``spacing`` to the schedule's own grid (``GRIDS``), or pass
     ``sigmas`` directly. The start is the VP prior N(0, I) seen in sigma coordinates,
     sqrt(1 + sigma_max^2) * z, which is exactly the unit noise z when sigma_max = inf.
-    ``cond`` (e.g. ``{"class_labels": y}``) is passed to D at every call. Runs under
-    ``torch.inference_mode``; call a sampler function directly when gradients are needed.
+    ``cond`` (e.g. ``{"class_labels": y}``) is passed to D at every call. ``precision``
+    bf16 / fp16 runs the network under autocast while the sampler's own arithmetic stays
+    in ``dtype``. Runs under ``torch.inference_mode``; call a sampler function directly
+    when gradients are needed.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
@@ -517,5 +521,5 @@ def sample(
     sigma_max = float(sigmas[0])
     x = noise if math.isinf(sigma_max) else noise * math.sqrt(1 + sigma_max**2)
     denoise = D if not cond else (lambda x, sigma: D(x, sigma, **cond))
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision):
         return SAMPLERS[sampler](denoise, x, sigmas, generator=generator, callback=callback, **options)

@@ -40,7 +40,7 @@ from .data import ImageDataset, batches, load_dataset
 from .denoiser import Denoiser
 from .images import save_grid
 from .nets import NETS
-from .runtime import tune_cpu_allocator
+from .runtime import autocast, tune_cpu_allocator
 from .samplers import sample
 from .schedules import Schedule, make
 
@@ -290,15 +290,6 @@ def _ema_decay(step: int, config: Config) -> float:
     return min(config.train.ema_max, 1 - (1 + step) ** -config.train.ema_power)
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"unknown precision {precision!r}; valid: fp32, bf16, fp16")
-    return torch.autocast(device.type, dtype=dtypes[precision])
-
-
 def _check_config(config: Config) -> None:
     t = config.train
     if t.steps < 1 or t.batch_size < 1:
@@ -484,7 +475,7 @@ def train(
                 images, sigma, noise, cond = micro_batch()
                 # gradients are averaged across processes only on the last micro-batch
                 sync = world.size == 1 or micro == t.grad_accum - 1
-                with _autocast(device, t.precision), nullcontext() if sync else model.no_sync():
+                with autocast(device, t.precision), nullcontext() if sync else model.no_sync():
                     loss = denoiser.loss(
                         images, weighting=config.diffusion.weighting, sigma=sigma, noise=noise, **cond
                     ).mean()
