@@ -211,6 +211,11 @@ class World:
 
     def __init__(self, rank: int, size: int, device: torch.device):
         self.rank, self.size, self.device = rank, size, device
+        self._host_group = None  # gloo group for host-side agreement when the default group is NCCL
+        if size > 1 and device.type != "cpu":
+            import torch.distributed as dist
+
+            self._host_group = dist.new_group(backend="gloo")
 
     @property
     def main(self) -> bool:
@@ -239,8 +244,9 @@ class World:
             return flags
         import torch.distributed as dist
 
-        values = torch.tensor([float(f) for f in flags], device=self.device)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        # Host tensors over gloo: asked every step, so it must not wait for the GPU's queue.
+        values = torch.tensor([float(f) for f in flags])
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._host_group)
         return tuple(bool(v) for v in values.tolist())
 
     def mean(self, value: Tensor) -> float:
