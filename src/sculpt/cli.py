@@ -12,7 +12,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from .runtime import tune_cpu_allocator
+from .runtime import PRECISIONS, tune_cpu_allocator
 
 
 def _schedule(args: argparse.Namespace) -> int:
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     sample.add_argument("--batch-size", type=int, default=256, help="samples drawn at once (memory)")
     sample.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast for the network"
+        "--precision", default="fp32", choices=PRECISIONS, help="autocast for the network"
     )
     sample.add_argument("--device", default=None)
     sample.set_defaults(handler=_sample)
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="where to write the record (default RUN/eval.json)")
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast for sampling (not --sweep)"
+        "--precision", default="fp32", choices=PRECISIONS, help="autocast for sampling (not --sweep)"
     )
     evaluate.set_defaults(handler=_eval)
 
