@@ -152,6 +152,30 @@ def test_channels_last_matches_contiguous():
     torch.testing.assert_close(net_cl(x, c_noise, labels), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_float32_runs_channels_last_inside_and_returns_the_input_layout():
+    net = _perturb(_tiny(num_classes=4, attn_resolutions=(8,)))
+    plain = _perturb(_tiny(num_classes=4, attn_resolutions=(8,), cpu_channels_last=False))
+    seen = []
+    channels_last = torch.channels_last
+    net.input_conv.register_forward_hook(lambda m, a, out: seen.append(out.is_contiguous(memory_format=channels_last)))
+    x = torch.randn(3, 3, 8, 8, requires_grad=True)
+    c_noise, labels = torch.tensor([0.0, 2.0, 400.0]), torch.tensor([0, 3, 1])
+    out, expected = net(x, c_noise, labels), plain(x, c_noise, labels)
+    assert seen == [True] and out.is_contiguous()  # channels_last inside, NCHW back out
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-4)
+    # under bf16 autocast (slower in channels_last) and in float64 the input's layout is kept
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x, c_noise, labels)
+    net.double()(x.double(), c_noise, labels)
+    assert seen == [True, False, False]
+    assert net(x.double().contiguous(memory_format=torch.channels_last), c_noise, labels).is_contiguous(
+        memory_format=torch.channels_last
+    )
+
+
 def test_tiny_net_overfits():
     torch.manual_seed(0)
     net = UNET_NETS["unet-tiny"](in_channels=1, resolution=8)

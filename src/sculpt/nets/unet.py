@@ -71,6 +71,11 @@ class UNet(nn.Module):
             that classifier-free guidance uses.
         norm_groups: GroupNorm groups, clipped to a divisor of each width.
         scale_shift: ADM's scale-shift norm (True) or DDPM's additive embedding (False).
+        cpu_channels_last: run float32 CPU passes in the channels_last layout (the input is
+            converted once; the output comes back in the input's layout). oneDNN's
+            convolutions are faster there: a training step of a 7M-parameter UNet at 32x32
+            takes 4.0 s instead of 4.5 s, sampling 1.2x faster (benchmarks/README.md). Not
+            under autocast, where PyTorch's bf16 GroupNorm is slower in channels_last.
     """
 
     def __init__(
@@ -88,8 +93,10 @@ class UNet(nn.Module):
         num_classes: int = 0,
         norm_groups: int = 32,
         scale_shift: bool = True,
+        cpu_channels_last: bool = True,
     ) -> None:
         super().__init__()
+        self.cpu_channels_last = cpu_channels_last
         num_levels = len(channel_mult)
         if num_levels < 1:
             raise ValueError("channel_mult must have at least one level, e.g. (1, 2, 2)")
@@ -224,6 +231,9 @@ class UNet(nn.Module):
         """
         self._check_input(x)
         emb = self._embed(c_noise, class_labels, x)  # (B, E)
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        if self._prefers_channels_last(x):
+            x = x.contiguous(memory_format=torch.channels_last)  # every layer below follows the input's layout
 
         h = self.input_conv(x)  # (B, C0, H, W)
         skips = [h]
@@ -246,7 +256,16 @@ class UNet(nn.Module):
             if level < len(self.upsamples):
                 h = self.upsamples[level](h)  # (B, C_level, 2 H_level, 2 W_level)
 
-        return self.out_conv(F.silu(self.out_norm(h)))  # (B, out_channels, H, W)
+        return self.out_conv(F.silu(self.out_norm(h))).contiguous(memory_format=layout)  # (B, out_channels, H, W)
+
+    def _prefers_channels_last(self, x: Tensor) -> bool:
+        if not (self.cpu_channels_last and x.device.type == "cpu" and x.dtype == torch.float32):
+            return False
+        try:
+            autocast = torch.is_autocast_enabled("cpu")
+        except TypeError:  # torch < 2.4
+            autocast = torch.is_autocast_cpu_enabled()
+        return not autocast
 
 
 UNET_NETS: dict[str, functools.partial[UNet]] = {
