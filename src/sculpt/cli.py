@@ -109,10 +109,10 @@ def _nets(args: argparse.Namespace, extra: list[str]) -> int:
 def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     import numpy as np
     import torch
-    from tqdm.auto import tqdm
 
+    from .evaluate import generate
     from .images import save_grid, save_trajectory
-    from .samplers import NFE, sample
+    from .samplers import NFE
     from .train import load
 
     if extra:
@@ -121,13 +121,12 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError(f"-n must be >= 1 (got {args.n})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     denoiser, config = load(args.run, ema=not args.raw, device=device)
-    shape = (args.n, config.data.channels, config.data.resolution, config.data.resolution)
-    cond = None
+    shape = (config.data.channels, config.data.resolution, config.data.resolution)
+    labels = None
     if config.model.num_classes:
         labels = (
             torch.arange(args.n) % config.model.num_classes if args.label is None else torch.full((args.n,), args.label)
         )
-        cond = {"class_labels": labels.to(device)}
     recorded: list = []
     steps_to_keep: set[int] = set()
     if args.trajectory:
@@ -136,30 +135,24 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     callback = (
         (lambda info: recorded.append(info) if info.index in steps_to_keep else None) if args.trajectory else None
     )
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    generator = torch.Generator().manual_seed(args.seed)
-    chunks = []
-    for start in tqdm(range(0, args.n, args.batch_size), desc="batches", disable=args.n <= args.batch_size):
-        count = min(args.batch_size, args.n - start)
-        chunk = sample(
-            denoiser,
-            (count, *shape[1:]),
-            sampler=args.sampler,
-            steps=args.steps,
-            spacing=args.spacing,
-            generator=generator,
-            callback=callback if start == 0 else None,  # the trajectory follows the first batch
-            device=device,
-            cond={key: value[start : start + count] for key, value in cond.items()} if cond else None,
-            precision=args.precision,
-        )
-        # data lives in [-1, 1]; a sample's overshoot is not information
-        chunks.append(chunk.float().clamp(-1, 1).cpu())
-    images = torch.cat(chunks)
+    images = generate(
+        denoiser,
+        shape,
+        args.n,
+        sampler=args.sampler,
+        steps=args.steps,
+        spacing=args.spacing,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        num_classes=config.model.num_classes,
+        labels=labels,
+        callback=callback,  # the trajectory follows the first batch
+        device=device,
+        precision=args.precision,
+    )
     out = args.out or ("samples.npz" if args.format == "npz" else "samples.png")
     if args.format == "npz":
-        np.savez_compressed(out, images=images.numpy(), labels=(cond["class_labels"].cpu().numpy() if cond else []))
+        np.savez_compressed(out, images=images.numpy(), labels=(labels.numpy() if labels is not None else []))
     else:
         scale = max(1, 256 // (config.data.resolution * max(1, int(args.n**0.5))))
         save_grid(out, images, nrow=config.model.num_classes or None, scale=max(scale, 2))

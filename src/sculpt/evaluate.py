@@ -81,38 +81,49 @@ def generate(
     *,
     sampler: str = "dpmpp_2m",
     steps: int = 20,
+    spacing: str | None = None,
     seed: int = 0,
     batch_size: int = 256,
     num_classes: int = 0,
+    labels: Tensor | None = None,
+    callback: Any = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
 ) -> Tensor:
-    """n samples in batches (the noise of sample i depends only on seed and i // batch_size).
+    """n samples of ``shape`` in batches, in [-1, 1] on the CPU.
 
-    ``precision`` bf16 / fp16 runs the network under autocast (``sculpt.samplers.sample``).
+    The noise of sample i depends only on seed and i // batch_size. A class-conditional
+    model (``num_classes`` > 0) gets ``labels`` [n], or labels cycling through the classes,
+    so class balance is exact. ``callback`` (a sampler's ``StepInfo`` callback) follows the
+    first batch. ``precision`` bf16 / fp16 runs the network under autocast
+    (``sculpt.samplers.sample``).
     """
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    if num_classes and labels is None:
+        labels = torch.arange(n) % num_classes
     out = []
     bar = tqdm(total=n, desc=f"sampling ({sampler}, {steps} steps)", unit="img", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        cond = None
-        if num_classes:  # labels cycle through the classes, so class balance is exact
-            cond = {"class_labels": (torch.arange(start, start + count) % num_classes).to(device)}
+        cond = {"class_labels": labels[start : start + count].to(device)} if num_classes else None
         images = sample(
             denoiser,
             (count, *shape),
             sampler=sampler,
             steps=steps,
+            spacing=spacing,
             generator=generator,
+            callback=callback if start == 0 else None,
             cond=cond,
             device=device,
             precision=precision,
         )
-        out.append(images.float().clamp(-1, 1).cpu())
+        out.append(images.float().clamp(-1, 1).cpu())  # data lives in [-1, 1]; overshoot is not information
         bar.update(count)
     bar.close()
     return torch.cat(out)
