@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -77,12 +78,15 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from .train import Interrupted, train
 
     config = _resolved_config(args, extra)
+    main_process = os.environ.get("RANK", "0") == "0"  # torchrun / accelerate launch: rank 0 speaks
     try:
         run_dir = train(config, resume=args.resume)
     except Interrupted as stopped:
-        print(f"sculpt train: {stopped}", file=sys.stderr)
+        if main_process:
+            print(f"sculpt train: {stopped}", file=sys.stderr)
         return 130
-    print(f"wrote {run_dir}: samples/final.png, loss.png, ema.safetensors")
+    if main_process:
+        print(f"wrote {run_dir}: samples/final.png, loss.png, ema.safetensors")
     return 0
 
 
