@@ -16,12 +16,17 @@ COMMON = ["--train.log_every=1", "--train.sample_every=0", "--train.num_samples=
           '--model.net_options={"base_channels": 16}', "--train.warmup=2"]
 
 
-def run(args, procs=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    command = (launcher if procs > 1 else [sys.executable]) + ["-m", "sculpt", "train", *args, *COMMON]
+def run(args, procs=1, launcher="torchrun"):
+    launchers = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"],
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={procs}"]
+        + ["--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"],
+    }
+    command = (launchers[launcher] if procs > 1 else [sys.executable]) + ["-m", "sculpt", "train", *args, *COMMON]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def losses(run_dir):
@@ -52,3 +57,14 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     denoiser, config = load(out)
     assert config.train.world_size == 1 and torch.isfinite(next(denoiser.parameters())).all()
+
+
+def test_accelerate_launch_runs_the_same_data_parallel_loop(tmp_path):
+    pytest.importorskip("accelerate")
+    args = ["--out", str(tmp_path / "acc"), "--steps", "4", "--train.batch_size=8"]
+    stdout = run(args, procs=2, launcher="accelerate")
+    assert stdout.count("wrote ") == 1  # only rank 0 speaks
+    run(["--out", str(tmp_path / "one"), "--steps", "4", "--train.batch_size=16"])
+    _, config = load(tmp_path / "acc")
+    assert (config.train.world_size, config.train.effective_batch) == (2, 16)
+    assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-6)
