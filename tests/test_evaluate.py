@@ -50,10 +50,12 @@ def test_sweep_table_and_plot(run_and_features, capsys):
     run, feat = run_and_features
     plot = run / "sweep.png"
     assert main(["eval", str(run), "--metrics", "fid", "-n", "140", "--features", f"classifier:{feat}",
-                 "--sweep", "steps=2,4", "--sweep", "sampler=ddim,heun", "--plot", str(plot)]) == 0
+                 "--sweep", "steps=2,4", "--sweep", "sampler=ddim,heun", "--plot", str(plot),
+                 "--precision", "bf16"]) == 0
     rows = json.loads((run / "eval_sweep.json").read_text())["sweep"]
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 2), ("ddim", 4, 4),
                                                                    ("heun", 2, 3), ("heun", 4, 7)]
+    assert {r["precision"] for r in rows} == {"bf16"}
     assert Image.open(plot).size[0] > 300
     assert "heun" in capsys.readouterr().out
 

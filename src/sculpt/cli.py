@@ -218,6 +218,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 split=args.split,
                 plot=plot,
                 device=device,
+                precision=args.precision,
             )
             record = {"sweep": rows}
             print(f"wrote {plot}")
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="where to write the record (default RUN/eval.json)")
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument(
-        "--precision", default="fp32", choices=PRECISIONS, help="autocast for sampling (not --sweep)"
+        "--precision", default="fp32", choices=PRECISIONS, help="autocast for sampling"
     )
     evaluate.set_defaults(handler=_eval)
 

@@ -401,6 +401,7 @@ def sweep(
     progress: bool = True,
     plot: str | Path | None = None,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> list[dict[str, Any]]:
     """Quality against NFE: one evaluation per (sampler, steps) of the grid, a table and a PNG plot."""
     samplers = grid.get("sampler", [sampler])
@@ -417,6 +418,7 @@ def sweep(
             split=split,
             progress=progress,
             device=device,
+            precision=precision,
         )
         rows.append(record)
         print(
