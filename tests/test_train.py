@@ -164,6 +164,7 @@ def test_cli_train_sample_schedule(tmp_path, capsys):
     # class-conditional: one row per class, 10 samples -> 1 row of 10 tiles of 8 px (+ padding), scaled
     assert image.shape[0] * 10 < image.shape[1] * 2
     assert Image.open(traj).size[0] > 0
+    four_paths = Image.open(traj).size[1]  # x and x0_hat rows for 4 samples
     assert main(["sample", str(run), "-n", "5", "--steps", "3", "--format", "npz", "--out", str(npz)]) == 0
     arrays = np.load(npz)
     assert arrays["images"].shape == (5, 1, 8, 8) and list(arrays["labels"]) == [0, 1, 2, 3, 4]
@@ -174,6 +175,9 @@ def test_cli_train_sample_schedule(tmp_path, capsys):
     assert arrays["images"].shape == (5, 1, 8, 8) and list(arrays["labels"]) == [0, 1, 2, 3, 4]
     assert np.isfinite(arrays["images"]).all() and np.abs(arrays["images"]).max() <= 1
     assert main([*argv, "--batch-size", "0"]) == 2
+    small_batches = ["sample", str(run), "-n", "5", "--steps", "3", "--batch-size", "2", "--out", str(grid)]
+    assert main([*small_batches, "--trajectory", str(traj)]) == 0  # the path of the first batch's 2 samples
+    assert Image.open(traj).size[1] < 0.6 * four_paths  # 2 + 2 rows, not 4 + 4
     plot = tmp_path / "schedules.png"
     assert main(["schedule", "linear", "cosine", "--res", "128", "--zero-snr", "--plot", str(plot)]) == 0
     assert Image.open(plot).size == (1320, 504)

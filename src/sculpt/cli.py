@@ -164,7 +164,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         f"wrote {out}: {args.n} samples, {args.sampler} with {args.steps} steps ({NFE[args.sampler](args.steps)} NFE)"
     )
     if args.trajectory:
-        shown = min(args.n, 4)
+        shown = min(args.n, args.batch_size, 4)  # the trajectory follows the first batch
         # x is shown in its variance-preserving scale x / sqrt(1 + sigma^2), so noise and image
         # share one colour range; x0_hat is the denoiser's estimate at the start of the step.
         states = [(info.x[:shown] / math.sqrt(1 + info.sigma_next**2)).float().cpu() for info in recorded]
