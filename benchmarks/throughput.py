@@ -44,7 +44,6 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +53,7 @@ from torch import nn
 from sculpt.denoiser import Denoiser
 from sculpt.nets import DiT, UNet
 from sculpt.nets.layers import count_parameters
-from sculpt.runtime import tune_cpu_allocator
+from sculpt.runtime import autocast, tune_cpu_allocator
 from sculpt.schedules import make
 from sculpt.train import make_optimizer
 
@@ -143,9 +142,7 @@ class Mode:
         return self.precision + ("+cl" if self.channels_last else "") + ("+compile" if self.compile else "")
 
     def autocast(self, device: torch.device):
-        if self.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        return autocast(device, self.precision)  # the context sculpt trains and samples under
 
 
 @dataclass
