@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from .schedules import Schedule, sigma_to_alpha_sigma
 
 __all__ = [
+    "DenoiserFn",
     "Denoiser",
     "Scalings",
     "SCALINGS",
@@ -38,6 +40,20 @@ __all__ = [
     "q_sample",
     "q_step",
 ]
+
+
+@runtime_checkable
+class DenoiserFn(Protocol):
+    """What every sampler, grid, metric and wrapper takes: ``D(x, sigma, **cond) -> x0_hat``.
+
+    ``x`` is a batch [B, ...] at noise levels ``sigma`` (a scalar or one per sample, >= 0;
+    at sigma = inf ``x`` holds the unit noise), and the result is the estimate of the clean
+    data, shaped like ``x``. A ``Denoiser``, a guided or latent wrapper and a closed-form
+    denoiser all qualify. Where a denoiser has a ``schedule`` attribute (a
+    ``sculpt.schedules.Schedule``), ``sculpt.sample`` builds its grid from it.
+    """
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
