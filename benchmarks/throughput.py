@@ -10,7 +10,7 @@ Two pairs, each built from one set of numbers so that the configurations cannot 
   label embedder (12 copies of one MLP); those only ever see a [B, 256] vector, so the
   compute is the same, and the counts are compared without them.
 
-A training step is what each library's own loop does: sculpt ``Denoiser.loss(x0).mean()``
+A training step is what each library's own loop does: sculpt ``denoising_loss(D, x0).mean()``
 (eps target, DDPM's linear schedule), diffusers ``add_noise`` + ``model(noisy, t).sample``
 + MSE; then backward and an AdamW step on both. Sampling is one denoiser evaluation at the
 same batch under ``torch.inference_mode()``. sculpt and diffusers repetitions alternate
@@ -53,6 +53,7 @@ from torch import nn
 from sculpt.denoiser import Denoiser
 from sculpt.nets import DiT, UNet
 from sculpt.nets.layers import count_parameters
+from sculpt.objectives import denoising_loss
 from sculpt.runtime import autocast, tune_cpu_allocator
 from sculpt.schedules import make
 from sculpt.train import make_optimizer
@@ -170,7 +171,7 @@ def sculpt_side(net: nn.Module, x0: torch.Tensor, cond: dict, mode: Mode, device
         net.train()
         optimizer.zero_grad(set_to_none=True)
         with mode.autocast(device):
-            loss = denoiser.loss(x0, generator=generator, **cond).mean()
+            loss = denoising_loss(denoiser, x0, generator=generator, **cond).mean()
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

@@ -74,8 +74,9 @@ from sculpt.data import batches, load_dataset
 from sculpt.images import save_grid
 from sculpt.metrics import frechet_distance, kid
 from sculpt.metrics.features import train_classifier
+from sculpt.run import load
 from sculpt.samplers import sample
-from sculpt.train import load, train
+from sculpt.train import train
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "out" / "train_digits"

@@ -9,7 +9,6 @@ from torch import nn
 from sculpt import schedules as S
 from sculpt.denoiser import (
     PREDICTIONS,
-    WEIGHTINGS,
     Denoiser,
     add_noise,
     convert,
@@ -18,8 +17,12 @@ from sculpt.denoiser import (
     q_step,
     to_x0,
 )
+from sculpt.objectives import WEIGHTINGS, denoising_loss
 
 SIGMAS = torch.tensor([0.002, 0.01, 0.1, 0.5, 1.0, 2.0, 10.0, 80.0, 157.4], dtype=torch.float64)
+# The consistency target cm depends on the schedule's sigma_min and is degenerate there (c_out = 0:
+# f(x, sigma_min) = x whatever the network says), so it has tests of its own below.
+TARGETS = [p for p in PREDICTIONS if p != "cm"]
 
 
 class Oracle(nn.Module):
@@ -42,7 +45,7 @@ def _batch(n=9, seed=0):  # one sample per entry of SIGMAS
     return x0, noise
 
 
-@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("prediction", TARGETS)
 def test_true_target_gives_x0(prediction):
     x0, noise = _batch()
     x = add_noise(x0, SIGMAS, noise)
@@ -70,8 +73,8 @@ def test_edm_target_is_karras_F():
     assert torch.allclose(from_x0(x0, "edm", x, SIGMAS, sd), F_target, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("source", PREDICTIONS)
-@pytest.mark.parametrize("target", PREDICTIONS)
+@pytest.mark.parametrize("source", TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 def test_conversions_round_trip(source, target):
     x0, noise = _batch()
     x = add_noise(x0, SIGMAS, noise)
@@ -108,16 +111,16 @@ def test_network_sees_ddpm_timesteps_and_edm_log_sigma():
     assert torch.allclose(net.calls[1][1], torch.log(torch.tensor([0.5, 1.0, 80.0])) / 4)
 
 
-@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("prediction", TARGETS)
 @pytest.mark.parametrize("weighting", list(WEIGHTINGS))
 def test_loss_is_zero_for_the_exact_target_and_weighted_mse_otherwise(prediction, weighting):
     x0, noise = _batch()
     x = add_noise(x0, SIGMAS, noise)
     exact = from_x0(x0, prediction, x, SIGMAS)
     D = Denoiser(Oracle(exact), S.make("linear"), prediction)
-    assert D.loss(x0, sigma=SIGMAS, noise=noise, weighting=weighting).abs().max() < 1e-8
+    assert denoising_loss(D, x0, sigma=SIGMAS, noise=noise, weighting=weighting).abs().max() < 1e-8
     D.net.target = exact + 0.1
-    loss = D.loss(x0, sigma=SIGMAS, noise=noise, weighting=weighting)
+    loss = denoising_loss(D, x0, sigma=SIGMAS, noise=noise, weighting=weighting)
     snr = SIGMAS**-2
     c_out2 = ((x0 - D(x, SIGMAS)) / 0.1).flatten(1).mean(1) ** 2  # the x0 error is c_out * 0.1
     expected_weight = {
@@ -131,7 +134,8 @@ def test_loss_is_zero_for_the_exact_target_and_weighted_mse_otherwise(prediction
 def test_min_snr_for_eps_is_hang_et_al():
     x0, noise = _batch()
     D = Denoiser(Oracle(torch.zeros_like(x0)), S.make("linear"), "eps")
-    ratio = D.loss(x0, sigma=SIGMAS, noise=noise, weighting="min_snr") / D.loss(x0, sigma=SIGMAS, noise=noise)
+    weighted = denoising_loss(D, x0, sigma=SIGMAS, noise=noise, weighting="min_snr")
+    ratio = weighted / denoising_loss(D, x0, sigma=SIGMAS, noise=noise)
     snr = SIGMAS**-2
     assert torch.allclose(ratio.double(), snr.clamp(max=5) / snr, rtol=1e-5)  # min(SNR, 5) / SNR
 
@@ -141,7 +145,7 @@ def test_loss_draws_levels_from_the_schedule_and_trains_a_real_net():
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 16), nn.Unflatten(1, (1, 4, 4)))
     D = Denoiser(_Wrap(net), S.make("cosine"), "v")
     x0 = torch.rand(32, 1, 4, 4) * 2 - 1
-    loss = D.loss(x0, generator=torch.Generator().manual_seed(1))
+    loss = denoising_loss(D, x0, generator=torch.Generator().manual_seed(1))
     assert loss.shape == (32,) and torch.isfinite(loss).all()
     loss.mean().backward()
     assert net[1].weight.grad.abs().sum() > 0
@@ -192,4 +196,32 @@ def test_bad_input():
     with pytest.raises(ValueError, match="sigma must be >= 0"):
         D(x0, -1.0)
     with pytest.raises(ValueError, match="unknown weighting"):
-        D.loss(x0, weighting="snr")
+        denoising_loss(D, x0, weighting="snr")
+
+
+def test_cm_is_song_et_al_parametrisation_with_exact_boundary():
+    schedule = S.make("edm")  # sigma_min 0.002, as Song et al. 2023
+    s_min, sd = schedule.sigma_min, 0.5
+    x0, noise = _batch(8)
+    sigma = SIGMAS[1:]
+    x = add_noise(x0, sigma, noise)
+    F = torch.randn_like(x)
+    D = Denoiser(Oracle(F), schedule, "cm")
+    s = sigma.reshape(-1, 1, 1, 1)
+    c_skip = sd**2 / ((s - s_min) ** 2 + sd**2)
+    c_out = sd * (s - s_min) / (s**2 + sd**2).sqrt()
+    c_in = 1 / (s**2 + sd**2).sqrt()
+    assert torch.allclose(D(x, sigma), c_skip * x + c_out * F, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(D.net.calls[0][0], c_in * x, rtol=1e-9)  # the network sees c_in x
+    # f(x, sigma_min) = x exactly, in float32 too, whatever the network returns
+    x32 = torch.randn(4, 3, 4, 4)
+    D32 = Denoiser(Oracle(torch.randn(4, 3, 4, 4) * 100), schedule, "cm")
+    assert torch.equal(D32(x32, s_min), x32)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_eps_and_v_denoisers_are_the_identity_at_sigma_zero(prediction):
+    # The boundary condition consistency tuning (ECT) relies on: f(x, 0) = x, bit for bit.
+    x = torch.randn(4, 3, 4, 4)
+    D = Denoiser(Oracle(torch.randn(4, 3, 4, 4) * 100), S.make("cosine"), prediction)
+    assert torch.equal(D(x, 0.0), x)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from sculpt.train import load
+from sculpt.run import load
 
 pytestmark = pytest.mark.slow
 

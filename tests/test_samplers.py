@@ -8,18 +8,21 @@ from torch import nn
 
 from sculpt import schedules as S
 from sculpt.denoiser import Denoiser, from_x0
-from sculpt.samplers import NFE, SAMPLERS, StepInfo, sample
+from sculpt.samplers import NFE, SAMPLERS, StepInfo, check_sigmas, consistency, ddim, sample
 from sculpt.toy import GaussianMixture
 
 MIXTURE = GaussianMixture.make([0.5, 0.3, 0.2], [[-1.0, 0.0], [1.0, 0.5], [0.0, -1.2]], [0.3, 0.4, 0.25])
 DETERMINISTIC = ["euler", "ddim", "heun", "dpmpp_2m", "dpmpp_3m", "unipc"]
+#: Samplers of the data distribution given the exact (MMSE) denoiser. consistency is not one:
+#: it needs a consistency model, and on a posterior mean its samples come out too narrow.
+DATA_SAMPLERS = [name for name in SAMPLERS if name != "consistency"]
 
 
 def exact(x, sigma):
     return MIXTURE.denoiser(x, sigma)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DATA_SAMPLERS)
 def test_every_sampler_reproduces_the_mixture(name):
     n = 20_000
     g = torch.Generator().manual_seed(0)
@@ -53,6 +56,127 @@ def test_deterministic_solvers_converge_at_their_order(name, order, ode_referenc
     # the error falls ~2x (first order), ~4x (second), ~8x or better (third; UniC adds one)
     for ratio in ratios:
         assert expected * 0.8 < ratio < expected * 2.6, (name, errors, ratios)
+
+
+@pytest.mark.parametrize("name", ["euler", "ddim", "heun", "ddpm", "euler_ancestral", "consistency"])
+def test_single_step_samplers_split_anywhere_equal_the_full_run(name):
+    # No history: two calls split at a level are the same steps, and one generator passed to
+    # both calls continues the same stream of noise.
+    sigmas = S.karras(S.make("edm"), 20)
+    x = sigmas[0] * torch.randn(500, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sampler = SAMPLERS[name]
+    full = sampler(exact, x, sigmas, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    split = sampler(exact, sampler(exact, x, sigmas[:11], generator=g), sigmas[10:], generator=g)
+    assert torch.allclose(split, full, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m", "unipc"])
+def test_multistep_samplers_restart_their_history_on_a_segment(name, ode_reference):
+    # Not equivalent to the full run: the second call starts at first order again. It is as
+    # accurate: its distance from the converged solution stays within twice the full run's.
+    start, reference = ode_reference
+    sigmas = S.karras(S.make("edm"), 20)
+    sampler = SAMPLERS[name]
+    full = sampler(exact, start * sigmas[0], sigmas)
+    middle = sampler(exact, start * sigmas[0], sigmas[:11])
+    split = sampler(exact, middle, sigmas[10:])
+    assert torch.isfinite(middle).all() and torch.isfinite(split).all()
+    error_full, error_split = [(y - reference).pow(2).mean().sqrt().item() for y in (full, split)]
+    assert (split - full).abs().max() > 1e-4  # the history did restart
+    assert error_split < 2 * error_full, (error_full, error_split)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_runs_a_segment_that_ends_above_zero(name):
+    sigmas = S.karras(S.make("edm"), 10)[3:7]  # 3 steps from ~9.7 to ~0.47
+    calls, seen = [], []
+
+    def counted(x, sigma):
+        calls.append(1)
+        return exact(x, sigma)
+
+    x0, _ = MIXTURE.sample(400, generator=torch.Generator().manual_seed(0))
+    x = x0 + sigmas[0] * torch.randn(400, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = SAMPLERS[name](counted, x, sigmas, generator=torch.Generator().manual_seed(2), callback=seen.append)
+    assert torch.isfinite(out).all()
+    assert [step.sigma_next for step in seen] == pytest.approx(sigmas[1:].tolist())
+    assert len(calls) == (6 if name == "heun" else 3)  # heun's last step is a full Heun step above 0
+    # still noisy at the segment's end: no sampler took its last step for a step to 0 (x = x0_hat)
+    assert (out - seen[-1].x0_hat).std() > 0.5 * sigmas[-1]
+
+
+def test_ddim_on_a_segment_is_two_hand_written_steps():
+    sigmas = S.karras(S.make("edm"), 10)
+    x0, _ = MIXTURE.sample(300, generator=torch.Generator().manual_seed(0))
+    x = x0 + sigmas[4] * torch.randn(300, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = x
+    for sigma, sigma_next in [(sigmas[4], sigmas[5]), (sigmas[5], sigmas[6])]:
+        x0_hat = exact(expected, sigma.expand(len(x)))
+        expected = x0_hat + sigma_next * (expected - x0_hat) / sigma
+    assert sigmas[6] > 0
+    assert torch.allclose(ddim(exact, x, sigmas[4:7]), expected, rtol=0, atol=1e-12)
+
+
+def test_segments_are_checked_and_only_sample_needs_the_final_zero():
+    assert check_sigmas([2.0, 1.0], end_at_zero=False).tolist() == [2.0, 1.0]
+    assert check_sigmas([math.inf, 1.0], end_at_zero=False)[0] == math.inf
+    x = torch.zeros(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        ddim(exact, x, torch.tensor([1.0, 2.0, 0.5]))
+    with pytest.raises(ValueError, match="at least 2 entries"):
+        ddim(exact, x, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="not NaN"):
+        ddim(exact, x, torch.tensor([2.0, math.nan]))
+    with pytest.raises(ValueError, match="must end in 0"):
+        check_sigmas([2.0, 1.0])
+    with pytest.raises(ValueError, match="must end in 0"):
+        sample(exact, (4, 2), sampler="ddim", sigmas=torch.tensor([2.0, 1.0]))
+
+
+def test_dpmpp_2m_sde_without_noise_steps_from_infinity_like_ddim():
+    # eta * h at sigma = inf was 0 * inf = NaN; the step is DDIM's x0_hat + sigma_next * z
+    z = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = torch.tensor([math.inf, 2.0, 1.0], dtype=torch.float64)
+    ours, theirs = [], []
+    out = SAMPLERS["dpmpp_2m_sde"](exact, z, sigmas, eta=0.0, callback=ours.append)
+    ddim(exact, z, sigmas, callback=theirs.append)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(ours[0].x, theirs[0].x, rtol=0, atol=1e-12)
+
+
+def test_one_consistency_step_is_one_denoiser_call_at_sigma_max():
+    x = 80.0 * torch.randn(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = torch.tensor([80.0, 0.0], dtype=torch.float64)
+    out = consistency(exact, x, sigmas, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, exact(x, torch.full((2000,), 80.0, dtype=torch.float64)))
+    # at sigma = 80 the posterior mean hardly moves off the data mean (shrinkage ~ 1/80^2)
+    assert torch.allclose(out, MIXTURE.mean.expand_as(out), atol=0.05)
+
+
+def test_consistency_renoises_to_exactly_sigma_next_and_is_reproducible():
+    def zeros(x, sigma):
+        return torch.zeros_like(x)
+
+    x = torch.randn(20_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    out = consistency(zeros, x, sigmas, generator=torch.Generator().manual_seed(7))
+    z = torch.randn(20_000, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert torch.equal(out, 0.5 * z)  # sigma_next, not sqrt(sigma_next^2 - sigma_min^2)
+    assert out.std().item() == pytest.approx(0.5, abs=0.01)  # std error ~ 0.5 / sqrt(2 * 40000)
+    again = consistency(zeros, x, sigmas, generator=torch.Generator().manual_seed(7))
+    other = consistency(zeros, x, sigmas, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+def test_consistency_is_algorithm_1_denoise_renoise_denoise():
+    x = 80.0 * torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = torch.tensor([80.0, 1.0, 0.0], dtype=torch.float64)
+    out = consistency(exact, x, sigmas, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(500, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ones = torch.ones(500, dtype=torch.float64)
+    expected = exact(exact(x, 80.0 * ones) + 1.0 * z, ones)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-12)
 
 
 def _ddpm_eps_model(schedule):

@@ -15,8 +15,10 @@ from sculpt.config import Config, override
 from sculpt.data import load_dataset
 from sculpt.denoiser import Denoiser
 from sculpt.nets import NETS
+from sculpt.objectives import Denoising, denoising_loss
+from sculpt.run import complete_checkpoints, load
 from sculpt.schedules import make
-from sculpt.train import Interrupted, load, train
+from sculpt.train import Interrupted, train
 
 TINY = {
     "model.net_options": '{"base_channels": 16}',
@@ -46,7 +48,7 @@ def test_a_few_images_are_overfitted():
     optimizer = torch.optim.Adam(D.parameters(), lr=3e-3)
     first = None
     for _ in range(150):
-        loss = D.loss(x0, sigma=sigma, noise=noise).mean()
+        loss = denoising_loss(D, x0, sigma=sigma, noise=noise).mean()
         first = first if first is not None else loss.item()
         optimizer.zero_grad()
         loss.backward()
@@ -102,7 +104,7 @@ def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         train(config, progress=False)
     monkeypatch.setattr(train_module.torch, "save", real_save)
     run = tmp_path / "run"
-    assert [p.name for p in train_module._complete_checkpoints(run)] == ["step_000003"]
+    assert [p.name for p in complete_checkpoints(run)] == ["step_000003"]
     denoiser, loaded = load(run)  # the published weights are the last good ones
     assert loaded.train.steps == 6
     train(config, resume=True, progress=False)  # the half-written folder is ignored
@@ -111,7 +113,7 @@ def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     config = tiny_config(tmp_path / "run", **{"train.steps": 10, "train.checkpoint_every": 2})
-    real_loss = Denoiser.loss
+    real_loss = Denoising.loss
     count = {"n": 0}
 
     def loss(self, *args, **kwargs):
@@ -119,10 +121,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeyp
         value = real_loss(self, *args, **kwargs)
         return value * float("nan") if count["n"] >= 4 else value
 
-    monkeypatch.setattr(Denoiser, "loss", loss)
+    monkeypatch.setattr(Denoising, "loss", loss)
     with pytest.raises(FloatingPointError, match=r"by step 4; the last good checkpoint is .*step_000002"):
         train(config, progress=False)
-    assert [p.name for p in train_module._complete_checkpoints(tmp_path / "run")] == ["step_000002"]
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step_000002"]
 
 
 def test_load_names_mismatched_keys_and_shapes(tmp_path):

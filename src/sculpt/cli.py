@@ -62,6 +62,14 @@ def _split_overrides(extra: list[str]) -> dict[str, str]:
     return assignments
 
 
+def _run_defaults(args: argparse.Namespace, config) -> None:
+    """Sampler, steps and grid a run was made for, where the command line names none (a student's)."""
+    args.sampler = args.sampler or config.train.sampler
+    args.steps = args.steps or config.train.sample_steps
+    if args.spacing is None:
+        args.spacing = config.train.sample_spacing or None
+
+
 def _resolved_config(args: argparse.Namespace, extra: list[str]):
     from .config import Config, override
 
@@ -90,6 +98,32 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _distill(args: argparse.Namespace, extra: list[str]) -> int:
+    from .run import student_config
+    from .train import Interrupted, train
+
+    overrides = {field: str(getattr(args, flag)) for flag, field in [("data", "data.name"), ("net", "model.net")]}
+    overrides = {field: value for field, value in overrides.items() if value != "None"}
+    overrides.update(_split_overrides(extra))
+    config = student_config(args.method, teacher=args.run, out=args.out, steps=args.steps, overrides=overrides)
+    main_process = os.environ.get("RANK", "0") == "0"
+    try:
+        run_dir = train(config, resume=args.resume)
+    except Interrupted as stopped:
+        if main_process:
+            print(
+                f"sculpt distill: {stopped}".replace("sculpt train --resume", "sculpt distill --resume"),
+                file=sys.stderr,
+            )
+        return 130
+    if main_process:
+        print(
+            f"wrote {run_dir}: a {config.train.sample_steps}-step {args.method} student "
+            f"(sculpt sample {run_dir} --steps {config.train.sample_steps})"
+        )
+    return 0
+
+
 def _config(args: argparse.Namespace, extra: list[str]) -> int:
     from .config import to_json
 
@@ -114,10 +148,9 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     import numpy as np
     import torch
 
-    from .evaluate import generate
     from .images import save_grid, save_trajectory
-    from .samplers import NFE
-    from .train import load
+    from .run import load
+    from .samplers import NFE, generate
 
     if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
@@ -125,6 +158,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError(f"-n must be >= 1 (got {args.n})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     denoiser, config = load(args.run, ema=not args.raw, device=device)
+    _run_defaults(args, config)
     shape = (config.data.channels, config.data.resolution, config.data.resolution)
     labels = None
     if config.model.num_classes:
@@ -204,6 +238,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
         if not args.run:
             raise ValueError("give a run folder (sculpt eval RUN) or two image sets (--real ... --fake ...)")
         ctx = ev.prepare(args.run, features=args.features, split=args.split, device=device)
+        _run_defaults(args, ctx.config)
         if args.sweep:
             grid = ev.parse_sweep(args.sweep)
             plot = args.plot or str(ctx.run_dir / "eval_sweep.png")
@@ -215,6 +250,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 seed=args.seed,
                 sampler=args.sampler,
                 steps=args.steps,
+                spacing=args.spacing,
                 split=args.split,
                 plot=plot,
                 device=device,
@@ -229,6 +265,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 n=args.n,
                 sampler=args.sampler,
                 steps=args.steps,
+                spacing=args.spacing,
                 seed=args.seed,
                 split=args.split,
                 device=device,
@@ -265,6 +302,7 @@ def _features(args: argparse.Namespace, extra: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
+    from .schedules import GRIDS
 
     parser = argparse.ArgumentParser(prog="sculpt", description="Train, sample and evaluate diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.set_defaults(handler=_train)
 
+    distill = commands.add_parser(
+        "distill",
+        help="a few-step student: consistency tuning (ect) or progressive distillation (pd) of a run, or ict",
+        description="Train a student that samples in 1-4 steps. ect and pd start from the teacher RUN's "
+        "weights; ict trains a consistency model from scratch (on RUN's data and network when given). "
+        "Any config field can be set with --section.field=value (sections ect, ict, pd, train).",
+    )
+    distill.add_argument("run", nargs="?", default=None, help="the teacher: a run folder written by `sculpt train`")
+    distill.add_argument("--method", required=True, choices=["ect", "ict", "pd"])
+    distill.add_argument("--out", required=True, help="the student's run folder")
+    distill.add_argument("--steps", type=int, default=None, help="training steps (pd: pd.rounds * pd.round_steps)")
+    distill.add_argument("--data", default=None, help="ict without a teacher: the dataset")
+    distill.add_argument("--net", default=None, help="ict without a teacher: the network preset")
+    distill.add_argument("--resume", action="store_true", help="continue the student in --out")
+    distill.set_defaults(handler=_distill)
+
     config = commands.add_parser("config", help="print the resolved default config (with any overrides)")
     config.add_argument("--data", default=None)
     config.add_argument("--net", default=None)
@@ -296,9 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="draw samples from a trained run")
     sample.add_argument("run", help="run folder written by `sculpt train`")
-    sample.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
-    sample.add_argument("--steps", type=int, default=20)
-    sample.add_argument("--spacing", default=None, help="step grid: leading | trailing | linspace | karras | logsnr")
+    sample.add_argument(
+        "--sampler", default=None, choices=list(SAMPLERS), help="default: the run's own (train.sampler)"
+    )
+    sample.add_argument("--steps", type=int, default=None, help="default: the run's own (train.sample_steps)")
+    sample.add_argument("--spacing", default=None, help=f"step grid: {' | '.join(GRIDS)} (default: the run's own)")
     sample.add_argument("-n", type=int, default=64, help="number of samples")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--label", type=int, default=None, help="class label for class-conditional runs")
@@ -308,9 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--trajectory-columns", type=int, default=8)
     sample.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     sample.add_argument("--batch-size", type=int, default=256, help="samples drawn at once (memory)")
-    sample.add_argument(
-        "--precision", default="fp32", choices=PRECISIONS, help="autocast for the network"
-    )
+    sample.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast for the network")
     sample.add_argument("--device", default=None)
     sample.set_defaults(handler=_sample)
 
@@ -323,8 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", nargs="?", default=None, help="run folder written by `sculpt train`")
     evaluate.add_argument("--metrics", default="fid,kid,pr", help="comma list of fid,kid,is,pr,fid_inf,bpd")
     evaluate.add_argument("-n", "--n", type=int, default=10_000, help="samples to draw")
-    evaluate.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
-    evaluate.add_argument("--steps", type=int, default=20)
+    evaluate.add_argument(
+        "--sampler", default=None, choices=list(SAMPLERS), help="default: the run's own (train.sampler)"
+    )
+    evaluate.add_argument("--steps", type=int, default=None, help="default: the run's own (train.sample_steps)")
+    evaluate.add_argument("--spacing", default=None, help=f"step grid: {' | '.join(GRIDS)} (default: the run's own)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--split", default="train", help="reference split of the run's dataset")
     evaluate.add_argument(
@@ -344,9 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--fake", default=None, help="a folder or .npz of generated images")
     evaluate.add_argument("--out", default=None, help="where to write the record (default RUN/eval.json)")
     evaluate.add_argument("--device", default=None)
-    evaluate.add_argument(
-        "--precision", default="fp32", choices=PRECISIONS, help="autocast for sampling"
-    )
+    evaluate.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast for sampling")
     evaluate.set_defaults(handler=_eval)
 
     features = commands.add_parser("features", help="domain feature extractors for evaluation")

@@ -35,7 +35,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DiffusionConfig:
     schedule: str = "cosine"  #: a key of sculpt.schedules.SCHEDULES
-    prediction: str = "v"  #: eps | x0 | v | edm
+    prediction: str = "v"  #: eps | x0 | v | edm | cm (consistency models: f(x, sigma_min) = x)
     weighting: str = "min_snr"  #: none | min_snr | edm
     shift: float | None = None  #: sigma factor (resolution shift); None for none
     zero_terminal_snr: bool = False
@@ -66,11 +66,56 @@ class TrainConfig:
     checkpoint_every: int = 500  #: steps between checkpoints; 0: only at the end / on interrupt
     keep_checkpoints: int = 2
     num_samples: int = 64  #: images in each sample grid
-    sampler: str = "dpmpp_2m"  #: sampler for the grids
-    sample_steps: int = 20
+    sampler: str = "dpmpp_2m"  #: sampler for the grids, and the run's default for sculpt sample / eval
+    sample_steps: int = 20  #: steps for the grids, and the run's default for sculpt sample / eval
+    sample_spacing: str = ""  #: step grid for the grids and the run's default (empty: the schedule's own)
     eval_every: int = 0  #: steps between small-n FID checks logged to log.jsonl (0: off)
     eval_n: int = 500  #: samples per training-time FID (small: biased upward, only for watching trends)
     eval_features: str = ""  #: classifier:DIR | inception:PATH; empty: fit a classifier on the data once
+
+
+@dataclass(frozen=True)
+class ECTConfig:
+    """Easy consistency tuning (Geng et al. 2024) from a trained diffusion run."""
+
+    stage_steps: int = 400  #: training steps per stage of the r(t) curriculum (the paper's d)
+    start_stage: int = 1  #: stage 0 is plain denoising (r = 0), which the teacher already solved
+    q: float = 2.0  #: each stage shrinks t - r by this factor: r = t (1 - q^-stage n(t))
+    k: float = 8.0  #: n(t) = 1 + k sigmoid(-b t): small t gets r = 0 (denoising) for longer
+    b: float = 1.0
+    p_mean: float = -1.1  #: ln t ~ N(p_mean, p_std^2), clamped to the schedule's range
+    p_std: float = 2.0
+    metric: str = "huber"  #: huber: sqrt(|d|^2 + c^2) - c on the vector norm (adaptive weight); l2: mean squared
+    huber_c: float = 0.0  #: the pseudo-Huber constant (0: the plain norm, the paper's ImageNet setting)
+    weighting: str = "edm"  #: edm: 1/t^2 + 1/sigma_data^2 (the paper's SNR + k); inverse_dt: 1 / (t - r)
+
+
+@dataclass(frozen=True)
+class ICTConfig:
+    """Improved consistency training from scratch (Song & Dhariwal 2023)."""
+
+    s0: int = 10  #: discretisation steps at the start of the curriculum
+    s1: int = 1280  #: ... and their cap; doubled every steps / (log2(s1 / s0) + 1) training steps
+    p_mean: float = -1.1  #: log-normal draw of the noise index (its discretised form)
+    p_std: float = 2.0
+    rho: float = 7.0  #: Karras grid exponent
+    huber_c: float = 0.0  #: pseudo-Huber constant; 0: 0.00054 sqrt(dimensions), as the paper
+
+
+@dataclass(frozen=True)
+class PDConfig:
+    """Progressive distillation (Salimans & Ho 2022): halve the steps round by round."""
+
+    start_steps: int = 64  #: the teacher's steps in the first round (the student takes half)
+    rounds: int = 5  #: student steps after the last round: start_steps / 2^rounds
+    round_steps: int = 500  #: training steps per round (train.steps = rounds * round_steps)
+    spacing: str = "trailing"  #: the grid whose every other level the student learns to skip
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""  #: the teacher's run folder (students of ect and pd)
+    teacher_sha256: str = ""  #: its ema.safetensors hash, checked at start and on every resume
 
 
 @dataclass(frozen=True)
@@ -79,6 +124,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: str = "denoising"  #: the objective: denoising | ect | ict | pd (sculpt.objectives.OBJECTIVES)
+    ect: ECTConfig = field(default_factory=ECTConfig)
+    ict: ICTConfig = field(default_factory=ICTConfig)
+    pd: PDConfig = field(default_factory=PDConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     out: str = "runs/digits"
 
 

@@ -31,9 +31,11 @@ __all__ = [
     "Denoiser",
     "Scalings",
     "SCALINGS",
-    "WEIGHTINGS",
     "PREDICTIONS",
     "add_noise",
+    "broadcast",
+    "per_sample_sigma",
+    "unit_state",
     "to_x0",
     "from_x0",
     "convert",
@@ -110,12 +112,36 @@ def _edm_scalings(sigma: Tensor, c_noise: Tensor, sigma_data: float) -> Scalings
     return Scalings(c_skip, c_out, c_in, torch.log(sigma) / 4)
 
 
+def _cm_scalings(sigma: Tensor, c_noise: Tensor, sigma_data: float, sigma_min: float = 0.002) -> Scalings:
+    # Song et al. 2023 (consistency models), appendix C: c_skip = sd^2 / ((s - s_min)^2 + sd^2),
+    # c_out = sd (s - s_min) / sqrt(s^2 + sd^2), so c_skip = 1 and c_out = 0 at s_min: f(x, s_min) = x.
+    # c_skip and c_in times sqrt(1 + s^2) because they act on u, as for edm.
+    sd2 = sigma_data**2
+    c_skip = _where_large(
+        sigma,
+        lambda s: sd2 * torch.sqrt(1 + s**2) / ((s - sigma_min) ** 2 + sd2),
+        lambda s: sd2 * torch.sqrt(s.reciprocal() ** 2 + 1) / (s * ((1 - sigma_min / s) ** 2 + sd2 / s**2)),
+    )
+    c_out = sigma_data * _where_large(
+        sigma,
+        lambda s: (s - sigma_min) / torch.sqrt(s**2 + sd2),
+        lambda s: (1 - sigma_min / s) * torch.rsqrt(1 + sd2 / s**2),
+    )
+    c_in = _where_large(
+        sigma,
+        lambda s: torch.sqrt((1 + s**2) / (s**2 + sd2)),
+        lambda s: torch.sqrt((s.reciprocal() ** 2 + 1) / (1 + sd2 / s**2)),
+    )
+    return Scalings(c_skip, c_out, c_in, torch.log(sigma) / 4)
+
+
 #: One row per prediction target: sigma, the schedule's noise input, sigma_data -> Scalings.
-SCALINGS: dict[str, Callable[[Tensor, Tensor, float], Scalings]] = {
+SCALINGS: dict[str, Callable[..., Scalings]] = {
     "eps": _eps_scalings,
     "x0": _x0_scalings,
     "v": _v_scalings,
     "edm": _edm_scalings,
+    "cm": _cm_scalings,
 }
 PREDICTIONS = tuple(SCALINGS)
 
@@ -125,14 +151,15 @@ def _check_prediction(prediction: str) -> None:
         raise ValueError(f"unknown prediction {prediction!r}; valid targets: {', '.join(SCALINGS)}")
 
 
-def _per_sample(sigma: Tensor | float, x: Tensor) -> Tensor:
+def per_sample_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     """sigma as a float64 CPU tensor [B] (a scalar is broadcast to the batch).
 
     Scalings are computed on the CPU in float64 and then moved: the schedule's inverse
     runs there, and a sigma that starts on the CPU (grids, training draws) never forces
     a device synchronisation.
     """
-    sigma = torch.as_tensor(sigma).detach().to("cpu", torch.float64)
+    sigma = (sigma if isinstance(sigma, Tensor) else torch.tensor(sigma, dtype=torch.float64)).detach()
+    sigma = sigma.to("cpu", torch.float64)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
@@ -145,7 +172,7 @@ def _per_sample(sigma: Tensor | float, x: Tensor) -> Tensor:
     return sigma
 
 
-def _expand(values: Tensor, x: Tensor) -> Tensor:
+def broadcast(values: Tensor, x: Tensor) -> Tensor:
     """[B] -> [B, 1, 1, ...] on x's device and dtype, to broadcast against x.
 
     The copy of a CPU tensor to an accelerator is ``non_blocking``: a blocking one would wait
@@ -155,32 +182,32 @@ def _expand(values: Tensor, x: Tensor) -> Tensor:
     return values.to(device=x.device, dtype=x.dtype, non_blocking=True).reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def _unit_state(x: Tensor, sigma: Tensor) -> Tensor:
+def unit_state(x: Tensor, sigma: Tensor) -> Tensor:
     """u = x / sqrt(1 + sigma^2); at sigma = inf x already holds u (the convention above)."""
-    sigma = _expand(sigma, x)
+    sigma = broadcast(sigma, x)
     return torch.where(torch.isinf(sigma), x, x * torch.rsqrt(1 + sigma**2))
 
 
 def add_noise(x0: Tensor, sigma: Tensor | float, noise: Tensor) -> Tensor:
     """The forward process in closed form: x = x0 + sigma * eps (eps itself where sigma = inf)."""
-    sigma = _expand(_per_sample(sigma, x0), x0)
+    sigma = broadcast(per_sample_sigma(sigma, x0), x0)
     return torch.where(torch.isinf(sigma), noise, x0 + torch.where(torch.isinf(sigma), 0, sigma) * noise)
 
 
 def to_x0(pred: Tensor, prediction: str, x: Tensor, sigma: Tensor | float, sigma_data: float = 0.5) -> Tensor:
     """Turn a prediction of any target at state x, noise level sigma, into x0."""
     _check_prediction(prediction)
-    sigma = _per_sample(sigma, x)
+    sigma = per_sample_sigma(sigma, x)
     s = SCALINGS[prediction](sigma, sigma, sigma_data)
-    return _expand(s.c_skip, x) * _unit_state(x, sigma) + _expand(s.c_out, x) * pred
+    return broadcast(s.c_skip, x) * unit_state(x, sigma) + broadcast(s.c_out, x) * pred
 
 
 def from_x0(x0: Tensor, prediction: str, x: Tensor, sigma: Tensor | float, sigma_data: float = 0.5) -> Tensor:
     """The value of target ``prediction`` that corresponds to x0 at state x: the inverse of ``to_x0``."""
     _check_prediction(prediction)
-    sigma = _per_sample(sigma, x)
+    sigma = per_sample_sigma(sigma, x)
     s = SCALINGS[prediction](sigma, sigma, sigma_data)
-    return (x0 - _expand(s.c_skip, x) * _unit_state(x, sigma)) / _expand(s.c_out, x)
+    return (x0 - broadcast(s.c_skip, x) * unit_state(x, sigma)) / broadcast(s.c_out, x)
 
 
 def convert(
@@ -190,39 +217,14 @@ def convert(
     return from_x0(to_x0(pred, source, x, sigma, sigma_data), target, x, sigma, sigma_data)
 
 
-# -- loss weightings, all as a weight on the squared error of the network's output F ----
-
-
-def _weight_none(sigma: Tensor, s: Scalings, sigma_data: float) -> Tensor:
-    return torch.ones_like(sigma)  # plain MSE on the target the network predicts
-
-
-def _weight_min_snr(sigma: Tensor, s: Scalings, sigma_data: float, gamma: float = 5.0) -> Tensor:
-    # Hang et al. 2023: weight min(SNR, gamma) on the x0 error, whatever the target; the
-    # F error is the x0 error / c_out, hence the c_out^2 (for eps this is min(SNR, g)/SNR).
-    snr = sigma.reciprocal() ** 2
-    return torch.clamp(snr, max=gamma) * s.c_out**2
-
-
-def _weight_edm(sigma: Tensor, s: Scalings, sigma_data: float) -> Tensor:
-    # Karras et al. 2022: lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on the x0 error.
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2 * s.c_out**2
-
-
-WEIGHTINGS: dict[str, Callable[[Tensor, Scalings, float], Tensor]] = {
-    "none": _weight_none,
-    "min_snr": _weight_min_snr,
-    "edm": _weight_edm,
-}
-
-
 class Denoiser(nn.Module):
     """A network plus its prediction target: ``D(x, sigma, **cond) -> x0_hat``.
 
     ``prediction`` picks the row of ``SCALINGS``; the network sees c_in * u and c_noise
     (the schedule's time * time_scale for eps/x0/v, DDPM's integer timestep on discrete
-    schedules; EDM's ln(sigma)/4 for ``edm``). The loss lives here too, so training and
-    sampling can never disagree about the target.
+    schedules; EDM's ln(sigma)/4 for ``edm`` and ``cm``). ``cm`` takes the schedule's
+    sigma_min as the consistency boundary. What a network is trained to output lives in
+    ``sculpt.objectives``; every objective reaches the network through ``output``.
     """
 
     def __init__(
@@ -242,7 +244,8 @@ class Denoiser(nn.Module):
     def scalings(self, sigma: Tensor) -> Scalings:
         """The table row for this target at per-sample sigma [B] (float64, CPU, shapes [B])."""
         c_noise = self.schedule.t(sigma) * self.schedule.time_scale
-        s = SCALINGS[self.prediction](sigma, c_noise, self.sigma_data)
+        options = {"sigma_min": self.schedule.sigma_min} if self.prediction == "cm" else {}
+        s = SCALINGS[self.prediction](sigma, c_noise, self.sigma_data, **options)
         if not (torch.isfinite(s.c_skip).all() and torch.isfinite(s.c_out).all()):
             raise ValueError(
                 f"prediction {self.prediction!r} cannot denoise at sigma = inf: it carries no "
@@ -251,10 +254,11 @@ class Denoiser(nn.Module):
             )
         return s
 
-    def _net(self, u: Tensor, s: Scalings, cond: dict[str, Tensor]) -> Tensor:
+    def output(self, u: Tensor, s: Scalings, **cond: Tensor) -> Tensor:
+        """The network's raw output F at the VP state u (what the scalings turn into x0_hat)."""
         # c_noise stays float32 even under bf16: DDPM's timestep 999 is 1000 in bf16.
         c_noise = s.c_noise.to(device=u.device, dtype=torch.float32, non_blocking=True)
-        out = self.net(_expand(s.c_in, u) * u, c_noise, **cond)
+        out = self.net(broadcast(s.c_in, u) * u, c_noise, **cond)
         if out.shape != u.shape:
             raise ValueError(
                 f"the network returned shape {tuple(out.shape)} for input {tuple(u.shape)}; "
@@ -263,62 +267,27 @@ class Denoiser(nn.Module):
         return out
 
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> Tensor:
-        sigma = _per_sample(sigma, x)
+        sigma = per_sample_sigma(sigma, x)
         s = self.scalings(sigma)
-        u = _unit_state(x, sigma)
-        return _expand(s.c_skip, x) * u + _expand(s.c_out, x) * self._net(u, s, cond)
-
-    def loss(
-        self,
-        x0: Tensor,
-        *,
-        weighting: str = "none",
-        sigma: Tensor | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        **cond: Tensor,
-    ) -> Tensor:
-        """Per-sample training loss [B]: weighted MSE between the network output and its target.
-
-        Draws sigma from the schedule's training distribution (uniform discrete levels,
-        uniform t, or EDM's log-normal) unless given, jumps straight to x = x0 + sigma eps,
-        and compares F with the exact target (x0 - c_skip u) / c_out, written in x0 and
-        eps so that no cancellation occurs at small sigma.
-        """
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
-        if sigma is None:
-            sigma = self.schedule.sample_sigma(x0.shape[0], generator=generator)
-        sigma = _per_sample(sigma, x0)
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device, non_blocking=True)
-        s = self.scalings(sigma)
-        u = _unit_state(add_noise(x0, sigma, noise), sigma)
-        # u = alpha x0 + sigma_vp eps, so the target (x0 - c_skip u) / c_out splits exactly:
-        alpha, sigma_vp = sigma_to_alpha_sigma(sigma)
-        coef_x0 = (1 - s.c_skip * alpha) / s.c_out
-        coef_eps = -s.c_skip * sigma_vp / s.c_out
-        target = _expand(coef_x0, x0) * x0 + _expand(coef_eps, x0) * noise
-        out = self._net(u, s, cond)
-        mse = (out.float() - target.float()).pow(2).flatten(1).mean(1)
-        weight = WEIGHTINGS[weighting](sigma, s, self.sigma_data)
-        return weight.to(device=mse.device, dtype=mse.dtype, non_blocking=True) * mse
+        u = unit_state(x, sigma)
+        # c_skip * u is applied to x with the two factors multiplied in float64 first: where
+        # c_skip u = x exactly (sigma = 0 for eps/v/edm, sigma_min for cm) the result is x itself.
+        skip = torch.where(torch.isinf(sigma), s.c_skip, s.c_skip * torch.rsqrt(1 + sigma**2))
+        return broadcast(skip, x) * x + broadcast(s.c_out, x) * self.output(u, s, **cond)
 
 
 def q_sample(schedule: Schedule, x0: Tensor, t: Tensor | float, noise: Tensor) -> Tensor:
     """Ho et al. 2020, eq. 4, the VP form: x_t = sqrt(alpha_bar(t)) x0 + sqrt(1 - alpha_bar(t)) eps."""
     alpha, sigma_vp = schedule.alpha_sigma(torch.as_tensor(t).detach().cpu())
-    alpha = _expand(torch.atleast_1d(alpha).to(x0), x0)
-    sigma_vp = _expand(torch.atleast_1d(sigma_vp).to(x0), x0)
+    alpha = broadcast(torch.atleast_1d(alpha).to(x0), x0)
+    sigma_vp = broadcast(torch.atleast_1d(sigma_vp).to(x0), x0)
     return alpha * x0 + sigma_vp * noise
 
 
-def q_step(
-    schedule: Schedule, x_prev: Tensor, t_prev: Tensor | float, t: Tensor | float, noise: Tensor
-) -> Tensor:
+def q_step(schedule: Schedule, x_prev: Tensor, t_prev: Tensor | float, t: Tensor | float, noise: Tensor) -> Tensor:
     """One forward step in VP form, q(x_t | x_s) = N(sqrt(ab_t/ab_s) x_s, (1 - ab_t/ab_s) I), s < t."""
     ratio = schedule.alpha_bar(t) / schedule.alpha_bar(t_prev)
     if (ratio > 1 + 1e-12).any():
         raise ValueError("q_step needs t >= t_prev: the forward process only adds noise")
-    ratio = _expand(torch.atleast_1d(ratio.clamp(max=1)).to(x_prev), x_prev)
+    ratio = broadcast(torch.atleast_1d(ratio.clamp(max=1)).to(x_prev), x_prev)
     return ratio.sqrt() * x_prev + (1 - ratio).sqrt() * noise

@@ -9,7 +9,6 @@ counts and draws quality against NFE.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import platform
@@ -24,23 +23,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .denoiser import DenoiserFn
 from .metrics.features import FeatureExtractor, get_extractor, reference_stats, train_classifier
 from .metrics.stats import density_coverage, fid_infinity, frechet_distance, inception_score, kid, precision_recall
-from .samplers import NFE, SAMPLERS, sample
+from .run import load, weights_hash
+from .samplers import NFE, SAMPLERS, generate  # generate lived here: still importable from sculpt.evaluate
 
 __all__ = ["METRICS", "RECOMMENDED_N", "generate", "score", "evaluate_run", "sweep", "default_extractor"]
 
 METRICS = ("fid", "kid", "is", "pr", "fid_inf", "bpd")
 #: Below these sample counts a metric is too noisy or biased to compare (a warning says so).
 RECOMMENDED_N = {"fid": 10_000, "kid": 1_000, "is": 5_000, "pr": 5_000, "fid_inf": 5_000, "bpd": 1_000}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def versions() -> dict[str, str]:
@@ -72,61 +65,6 @@ def sample_count_warnings(metrics: Iterable[str], n: int) -> list[str]:
     for message in messages:
         warnings.warn(message, stacklevel=3)
     return messages
-
-
-def generate(
-    denoiser: Any,
-    shape: tuple[int, ...],
-    n: int,
-    *,
-    sampler: str = "dpmpp_2m",
-    steps: int = 20,
-    spacing: str | None = None,
-    seed: int = 0,
-    batch_size: int = 256,
-    num_classes: int = 0,
-    labels: Tensor | None = None,
-    callback: Any = None,
-    progress: bool = True,
-    device: str | torch.device = "cpu",
-    precision: str = "fp32",
-) -> Tensor:
-    """n samples of ``shape`` in batches, in [-1, 1] on the CPU.
-
-    The noise of sample i depends only on seed and i // batch_size. A class-conditional
-    model (``num_classes`` > 0) gets ``labels`` [n], or labels cycling through the classes,
-    so class balance is exact. ``callback`` (a sampler's ``StepInfo`` callback) follows the
-    first batch. ``precision`` bf16 / fp16 runs the network under autocast
-    (``sculpt.samplers.sample``).
-    """
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-    if num_classes and labels is None:
-        labels = torch.arange(n) % num_classes
-    out = []
-    bar = tqdm(total=n, desc=f"sampling ({sampler}, {steps} steps)", unit="img", disable=not progress, leave=False)
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        cond = {"class_labels": labels[start : start + count].to(device)} if num_classes else None
-        images = sample(
-            denoiser,
-            (count, *shape),
-            sampler=sampler,
-            steps=steps,
-            spacing=spacing,
-            generator=generator,
-            callback=callback if start == 0 else None,
-            cond=cond,
-            device=device,
-            precision=precision,
-        )
-        out.append(images.float().clamp(-1, 1).cpu())  # data lives in [-1, 1]; overshoot is not information
-        bar.update(count)
-    bar.close()
-    return torch.cat(out)
 
 
 def score(
@@ -198,7 +136,7 @@ def default_extractor(run_dir: Path, dataset: Any, spec: str, *, progress: bool 
 @dataclass
 class RunContext:
     run_dir: Path
-    denoiser: Any
+    denoiser: DenoiserFn
     config: Any
     dataset: Any
     extractor: FeatureExtractor
@@ -210,7 +148,6 @@ def prepare(
     run_dir: str | Path, *, features: str | None, split: str = "train", device: str = "cpu", progress: bool = True
 ) -> RunContext:
     from .data import load_dataset
-    from .train import load
 
     run_dir = Path(run_dir)
     denoiser, config = load(run_dir, device=device)
@@ -229,7 +166,8 @@ def prepare(
         cache_dir=run_dir / "features" / "reference",
         progress=progress,
     )
-    return RunContext(run_dir, denoiser, config, dataset, extractor, reference, _sha256(run_dir / "ema.safetensors"))
+    checkpoint_hash = weights_hash(run_dir / "ema.safetensors")
+    return RunContext(run_dir, denoiser, config, dataset, extractor, reference, checkpoint_hash)
 
 
 def _record(
@@ -244,7 +182,9 @@ def _record(
     scores: dict,
     seconds: float,
     precision: str = "fp32",
+    spacing: str | None = None,
 ) -> dict[str, Any]:
+    config = ctx.config
     return {
         "scores": scores,
         "n_fake": n,
@@ -252,9 +192,14 @@ def _record(
         "seed": seed,
         "sampler": sampler,
         "steps": steps,
+        "spacing": spacing or ctx.denoiser.schedule.default_spacing,
         "nfe": NFE[sampler](steps),
         "precision": precision,
         "guidance": None,
+        "task": config.task,
+        "teacher": config.distill.teacher or None,
+        "teacher_sha256": config.distill.teacher_sha256 or None,
+        "student_steps": config.train.sample_steps if config.task != "denoising" else None,
         "run": str(ctx.run_dir),
         "checkpoint": "ema.safetensors",
         "checkpoint_sha256": ctx.checkpoint_hash,
@@ -279,6 +224,7 @@ def evaluate_run(
     n: int,
     sampler: str,
     steps: int,
+    spacing: str | None = None,
     seed: int = 0,
     split: str = "train",
     batch_size: int = 256,
@@ -304,6 +250,7 @@ def evaluate_run(
             n,
             sampler=sampler,
             steps=steps,
+            spacing=spacing,
             seed=seed,
             batch_size=batch_size,
             num_classes=ctx.config.model.num_classes,
@@ -327,6 +274,7 @@ def evaluate_run(
         scores=scores,
         seconds=time.perf_counter() - started,
         precision=precision,
+        spacing=spacing,
     )
 
 
@@ -397,6 +345,7 @@ def sweep(
     seed: int = 0,
     sampler: str = "dpmpp_2m",
     steps: int = 20,
+    spacing: str | None = None,
     split: str = "train",
     progress: bool = True,
     plot: str | Path | None = None,
@@ -414,6 +363,7 @@ def sweep(
             n=n,
             sampler=name,
             steps=count,
+            spacing=spacing,
             seed=seed,
             split=split,
             progress=progress,

@@ -1,11 +1,13 @@
 """Samplers: one plain function each, ``sampler(D, x, sigmas, *, generator, callback, **options) -> x``.
 
-D is any callable ``D(x, sigma[B]) -> x0_hat`` (a ``Denoiser``, a guided wrapper, a
-closed-form denoiser); ``sigmas`` is a decreasing grid ending in 0 (see
-``sculpt.schedules.GRIDS``). No sampler branches on the prediction target or keeps
-state between calls. Every update is written with x0_hat and eps_hat = (x - x0_hat)/sigma
-only, which makes a first step from sigma = inf (zero terminal SNR, where x holds the
-unit noise) exact without special cases.
+D is any ``DenoiserFn``, ``D(x, sigma[B]) -> x0_hat`` (a ``Denoiser``, a guided wrapper,
+a closed-form denoiser); ``sigmas`` is a decreasing grid (see ``sculpt.schedules.GRIDS``)
+or any segment of one: a teacher's two steps are ``ddim(D, x, sigmas[i:i + 3])``, and
+only ``sample`` insists on ending at 0. No sampler branches on the prediction target or
+keeps state between calls, so a multistep method restarts its history on each segment.
+Every update is written with x0_hat and eps_hat = (x - x0_hat)/sigma only, which makes
+a first step from sigma = inf (zero terminal SNR, where x holds the unit noise) exact
+without special cases.
 
 In sigma coordinates several classic algorithms coincide, which the code makes plain:
 DDIM (eta = 0) is the Euler method on the probability-flow ODE; DDPM's ancestral step
@@ -25,7 +27,11 @@ dpmpp_2m           steps           DPM-Solver++(2M), 2nd-order multistep ODE
 dpmpp_3m           steps           3rd-order multistep ODE (DPM-Solver++ family)
 dpmpp_2m_sde       steps           DPM-Solver++(2M) SDE, midpoint
 unipc              steps           UniPC-bh2 predictor-corrector, order 3 (Zhao et al. 2023)
+consistency        steps           multistep consistency sampling (Song et al. 2023)
 =================  ==============  ===========================================
+
+The counts are for a grid from a finite sigma_max to 0. heun spends one call on a step
+to 0 or from sigma = inf and two on every other, so a segment ending above 0 costs 2 steps.
 """
 
 from __future__ import annotations
@@ -37,13 +43,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .denoiser import DenoiserFn
 from .runtime import autocast
 from .schedules import Schedule, grid
 
-__all__ = ["SAMPLERS", "NFE", "StepInfo", "ddpm", "ddim", "euler", "euler_ancestral", "heun",
-           "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "check_sigmas", "sample"]
+__all__ = [
+    "SAMPLERS",
+    "NFE",
+    "StepInfo",
+    "ddpm",
+    "ddim",
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_3m",
+    "dpmpp_2m_sde",
+    "unipc",
+    "consistency",
+    "check_sigmas",
+    "sample",
+    "generate",
+]
 
-DenoiserFn = Callable[..., Tensor]
 Callback = Callable[["StepInfo"], None]
 
 
@@ -58,8 +80,12 @@ class StepInfo:
     x0_hat: Tensor  #: the denoiser's estimate of the clean image at sigma
 
 
-def check_sigmas(sigmas: Tensor | list[float]) -> Tensor:
-    """Validate a step grid: 1-D, >= 2 entries, non-negative, strictly decreasing, ending in 0."""
+def check_sigmas(sigmas: Tensor | list[float], *, end_at_zero: bool = True) -> Tensor:
+    """Validate a step grid: 1-D, >= 2 entries, non-negative, strictly decreasing, ending in 0.
+
+    ``end_at_zero=False`` accepts any segment of a grid (what every sampler takes): the
+    same checks without the final 0. Returns the grid as float64 on the CPU.
+    """
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D grid with at least 2 entries (got shape {tuple(sigmas.shape)})")
@@ -67,10 +93,10 @@ def check_sigmas(sigmas: Tensor | list[float]) -> Tensor:
         raise ValueError("sigmas must be >= 0 and not NaN (noise levels of x = x0 + sigma * eps)")
     if not (sigmas[1:] < sigmas[:-1]).all():
         raise ValueError("sigmas must be strictly decreasing (a grid runs from noise to data)")
-    if sigmas[-1] != 0:
-        raise ValueError(f"sigmas must end in 0 (got {sigmas[-1].item():.4g}); append 0 to finish at the data")
     if math.isinf(sigmas[1]):
         raise ValueError("only the first sigma may be infinite")
+    if end_at_zero and sigmas[-1] != 0:
+        raise ValueError(f"sigmas must end in 0 (got {sigmas[-1].item():.4g}); append 0 to finish at the data")
     return sigmas
 
 
@@ -109,7 +135,8 @@ def _report(callback: Callback | None, i: int, sigma: float, sigma_next: float, 
 
 
 def _steps(sigmas: Tensor) -> list[tuple[int, float, float]]:
-    values = check_sigmas(sigmas).tolist()
+    """(index, sigma, sigma_next) of each step of a grid segment (it need not end in 0)."""
+    values = check_sigmas(sigmas, end_at_zero=False).tolist()
     return [(i, values[i], values[i + 1]) for i in range(len(values) - 1)]
 
 
@@ -205,9 +232,11 @@ def heun(
 ) -> Tensor:
     """Heun's 2nd-order method, EDM Algorithm 2 (Karras et al. 2022); churn 0 gives Algorithm 1.
 
-    With churn, noise raises sigma to sigma_hat = sigma (1 + gamma) before each step.
-    The last step (to sigma = 0) and a first step from sigma = inf are Euler steps: the
-    trapezoid needs a finite interval with a denoiser call at its far end.
+    With churn, noise raises sigma to sigma_hat = sigma (1 + gamma) before each step;
+    gamma = s_churn / steps counts the steps of the grid given, so on a segment pass the
+    segment's share of the full grid's s_churn. A step to sigma = 0 and a first step from
+    sigma = inf are Euler steps: the trapezoid needs a finite interval with a denoiser call
+    at its far end. A segment that ends above 0 ends with a full Heun step.
     """
     steps = _steps(sigmas)
     gamma_max = min(s_churn / len(steps), math.sqrt(2) - 1)
@@ -255,6 +284,7 @@ def dpmpp_2m(
         x0_hat, eps_hat = _denoise(D, x, sigma)
         h = _lambda(sigma_next) - _lambda(sigma)
         d = x0_hat
+        # A step to 0 is exact with d = x0_hat (h = inf); any step above 0, a segment's last included, is 2nd order.
         if x0_prev is not None and sigma_next > 0:
             c = h / (2 * h_prev)  # 1 / (2 r), r = h_prev / h; 0 after a step from infinity
             d = (1 + c) * x0_hat - c * x0_prev
@@ -299,7 +329,8 @@ def dpmpp_3m(
 
     x0_hat is extrapolated along lambda = -log sigma through the last three estimates and
     integrated exactly against e^{-(lambda' - tau)}. Lower order on the first two steps
-    and on the last one (to sigma = 0, where the exact step is x0_hat itself).
+    (of each segment: the history starts with the call) and on a step to sigma = 0, where
+    the exact step is x0_hat itself.
     """
     history: list[tuple[float, Tensor]] = []  # (lambda, x0_hat) at finite lambda, newest last
     for i, sigma, sigma_next in _steps(sigmas):
@@ -333,7 +364,7 @@ def dpmpp_2m_sde(
             x = x0_hat
         else:
             h = _lambda(sigma_next) - _lambda(sigma)
-            eta_h = eta * h
+            eta_h = eta * h if eta > 0 else 0.0  # 0 * inf is NaN: from sigma = inf with eta = 0 this is DDIM
             decay = _ratio(sigma_next, sigma) * math.exp(-eta_h)  # multiplies x
             # decay * x = decay * x0_hat + decay * sigma * eps_hat; decay * sigma = s' e^{-eta h}
             x = decay * x0_hat + sigma_next * math.exp(-eta_h) * eps_hat
@@ -410,8 +441,10 @@ def unipc(
 
     Each step predicts with UniP of the given order, and the next denoiser call, made
     anyway, also corrects that prediction (UniC) at no extra NFE. Orders drop near the
-    start (not enough history) and the end (diffusers' lower_order_final); the last step
-    to sigma = 0 returns x0_hat.
+    start (not enough history) and the end of the grid given (diffusers' lower_order_final,
+    which on a segment ending above 0 makes its last step a DDIM step: still consistent,
+    and the last prediction has no next call to correct it); a step to sigma = 0 returns
+    x0_hat.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"unipc order must be 1, 2 or 3 (got {order})")
@@ -448,6 +481,31 @@ def _data_step_from(x: Tensor, x0_hat: Tensor, sigma: float, sigma_next: float, 
     return r * x + (1 - r) * d
 
 
+def consistency(
+    D: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, "Consistency Models", Algorithm 1).
+
+    At each level x0_hat = D(x, sigma), then fresh noise straight to the next level:
+    x_next = x0_hat + sigma_next * z, z ~ N(0, I) (DDIM's ancestral step with all of
+    sigma_next as new noise); a step to 0 returns x0_hat. Algorithm 1 adds
+    sqrt(sigma_next^2 - sigma_min^2) * z because its consistency function is the identity
+    at sigma_min; a sculpt denoiser's boundary is sigma = 0, so the scale is sigma_next
+    exactly. One step is one call D(x_T, sigma_max). Meant for a consistency model: with an
+    MMSE denoiser each step lands on a posterior mean, and the samples come out too narrow.
+    """
+    for i, sigma, sigma_next in _steps(sigmas):
+        x0_hat, _ = _denoise(D, x, sigma)
+        x = x0_hat + sigma_next * _noise_like(x0_hat, generator) if sigma_next > 0 else x0_hat
+        _report(callback, i, sigma, sigma_next, x, x0_hat)
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm,
     "ddim": ddim,
@@ -458,9 +516,10 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_3m": dpmpp_3m,
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "unipc": unipc,
+    "consistency": consistency,
 }
 
-#: Denoiser calls as a function of steps (the last heun step is Euler).
+#: Denoiser calls as a function of steps, for a grid from a finite sigma_max to 0 (heun: see the module docstring).
 NFE: dict[str, Callable[[int], int]] = {name: (lambda steps: steps) for name in SAMPLERS}
 NFE["heun"] = lambda steps: 2 * steps - 1
 
@@ -513,8 +572,9 @@ def sample(
         first = next(iter(params()), None) if callable(params) else None
         device = first.device if first is not None else "cpu"
     if noise is None:
-        noise = torch.randn(shape, generator=generator, dtype=dtype,
-                            device=generator.device if generator is not None else device)
+        noise = torch.randn(
+            shape, generator=generator, dtype=dtype, device=generator.device if generator is not None else device
+        )
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)} but shape={shape}; pass matching noise or none")
     noise = noise.to(device=device, dtype=dtype)
@@ -523,3 +583,57 @@ def sample(
     denoise = D if not cond else (lambda x, sigma: D(x, sigma, **cond))
     with torch.inference_mode(), autocast(device, precision):
         return SAMPLERS[sampler](denoise, x, sigmas, generator=generator, callback=callback, **options)
+
+
+def generate(
+    denoiser: DenoiserFn,
+    shape: tuple[int, ...],
+    n: int,
+    *,
+    sampler: str = "dpmpp_2m",
+    steps: int = 20,
+    spacing: str | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    num_classes: int = 0,
+    labels: Tensor | None = None,
+    callback: Callback | None = None,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> Tensor:
+    """n samples of ``shape`` in batches, in [-1, 1] on the CPU.
+
+    The noise of sample i depends only on seed and i // batch_size. A class-conditional
+    model (``num_classes`` > 0) gets ``labels`` [n], or labels cycling through the classes,
+    so class balance is exact. ``callback`` (a sampler's ``StepInfo`` callback) follows the
+    first batch. ``precision`` bf16 / fp16 runs the network under autocast (``sample``).
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    if num_classes and labels is None:
+        labels = torch.arange(n) % num_classes
+    out = []
+    bar = tqdm(total=n, desc=f"sampling ({sampler}, {steps} steps)", unit="img", disable=not progress, leave=False)
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        cond = {"class_labels": labels[start : start + count].to(device)} if num_classes else None
+        images = sample(
+            denoiser,
+            (count, *shape),
+            sampler=sampler,
+            steps=steps,
+            spacing=spacing,
+            generator=generator,
+            callback=callback if start == 0 else None,
+            cond=cond,
+            device=device,
+            precision=precision,
+        )
+        out.append(images.float().clamp(-1, 1).cpu())  # data lives in [-1, 1]; overshoot is not information
+        bar.update(count)
+    bar.close()
+    return torch.cat(out)

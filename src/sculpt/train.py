@@ -1,19 +1,13 @@
-"""One readable training loop, its checkpoints, and ``load(run_dir)``.
+"""One readable training loop over any objective (``sculpt.objectives``).
 
-A run folder holds everything needed to rebuild and continue the run:
+The loop owns what every objective needs: the optimizer and its learning-rate warmup,
+EMA, gradient clipping and accumulation, mixed precision, data-parallel processes,
+logging, sample grids, checkpoints and exact resume. What is optimised (the loss, what
+it draws, which modules it trains or keeps frozen) is the objective's; the run folder,
+checkpoints and ``load`` are ``sculpt.run``'s.
 
-    config.json                 the whole resolved configuration
-    model.safetensors           latest weights (config and step in the metadata)
-    ema.safetensors             latest EMA weights (what ``load`` returns by default)
-    checkpoints/step_NNNNNN/    model, ema and state.pt (optimizer, RNGs, data position)
-    log.jsonl                   one line per log interval: loss, lr, grad_norm, img/s
-    samples/step_NNNNNN.png     EMA samples from fixed noise; samples/final.png at the end
-    loss.png                    the loss curve
-
-Checkpoints are written to a temporary folder and renamed into place, so a crash or a
-kill mid-write leaves the previous checkpoint intact. Ctrl-C or SIGTERM finishes the
-current step, writes a checkpoint and stops; ``--resume`` continues exactly (same
-batches, same noise, same losses).
+Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and stops; ``--resume``
+continues exactly (same batches, same noise, same losses).
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -30,23 +23,34 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import config as cfg
-from .checkpoint import state_dict_mismatches
 from .config import Config
 from .data import ImageDataset, batches, load_dataset
 from .denoiser import Denoiser
+from .evaluate import default_extractor
 from .images import save_grid
-from .nets import NETS
+from .metrics.features import get_extractor, reference_stats
+from .metrics.stats import frechet_distance
+from .objectives import Objective
+from .plots import plot_loss
+from .run import (
+    build_denoiser,
+    build_objective,
+    check_teacher,
+    complete_checkpoints,
+    load,  # noqa: F401  (sculpt.train.load: where it lived before sculpt.run)
+    load_weights,
+    read_config,
+    resolve,
+    save_checkpoint,
+    write_text,
+)
 from .runtime import autocast, tune_cpu_allocator
-from .samplers import sample
-from .schedules import Schedule, make
+from .samplers import generate, sample
 
-__all__ = ["train", "load", "build_denoiser", "build_schedule", "make_optimizer", "Interrupted"]
-
-FORMAT = "sculpt-run-1"
+__all__ = ["train", "make_optimizer", "Interrupted", "World"]
 
 
 class Interrupted(Exception):
@@ -57,149 +61,6 @@ class Interrupted(Exception):
             f"interrupted at step {step}; checkpoint saved. Resume with: sculpt train --resume --out {run_dir}"
         )
         self.step, self.run_dir = step, run_dir
-
-
-# -- building the model from a config ---------------------------------------------------
-
-
-def build_schedule(config: Config) -> Schedule:
-    d = config.diffusion
-    return make(d.schedule, shift=d.shift, zero_terminal_snr=d.zero_terminal_snr)
-
-
-def build_denoiser(config: Config) -> Denoiser:
-    """Network + schedule + target from a resolved config (data.resolution/channels set)."""
-    if config.model.net not in NETS:
-        raise ValueError(f"unknown net {config.model.net!r}; valid names: {', '.join(NETS)} (see `sculpt nets`)")
-    if config.data.resolution is None or config.data.channels is None:
-        raise ValueError("the config is not resolved: data.resolution and data.channels must be set")
-    options = dict(config.model.net_options)
-    options.setdefault("num_classes", config.model.num_classes)
-    net = NETS[config.model.net](in_channels=config.data.channels, resolution=config.data.resolution, **options)
-    return Denoiser(net, build_schedule(config), config.diffusion.prediction, config.diffusion.sigma_data)
-
-
-def resolve(config: Config, dataset: ImageDataset) -> Config:
-    """Fill in what the data decides: resolution, channels and number of classes."""
-    _, channels, height, width = dataset.images.shape
-    num_classes = dataset.num_classes if config.model.class_cond else 0
-    if config.model.class_cond and num_classes == 0:
-        raise ValueError(f"model.class_cond is set but dataset {config.data.name!r} has no labels")
-    data = replace(config.data, resolution=height, channels=channels)
-    return replace(config, data=data, model=replace(config.model, num_classes=num_classes))
-
-
-# -- checkpoint I/O ---------------------------------------------------------------------
-
-
-def _metadata(config: Config, step: int) -> dict[str, str]:
-    return {"format": FORMAT, "config": cfg.to_json(config), "step": str(step)}
-
-
-def _save_weights(path: Path, module: nn.Module, config: Config, step: int) -> None:
-    tensors = {name: value.detach().contiguous().cpu() for name, value in module.state_dict().items()}
-    save_file(tensors, str(path), metadata=_metadata(config, step))
-
-
-def _atomic_weights(path: Path, module: nn.Module, config: Config, step: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _save_weights(tmp, module, config, step)
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(
-    run_dir: Path, step: int, net: nn.Module, ema: nn.Module, state: dict, config: Config, keep: int = 2
-) -> Path:
-    """Write checkpoints/step_NNNNNN atomically (temp folder + rename), then the top-level weights."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _save_weights(tmp / "model.safetensors", net, config, step)
-    _save_weights(tmp / "ema.safetensors", ema, config, step)
-    torch.save(state, tmp / "state.pt")
-    (tmp / "complete").write_text(str(step))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _atomic_weights(run_dir / "model.safetensors", net, config, step)
-    _atomic_weights(run_dir / "ema.safetensors", ema, config, step)
-    for old in sorted(_complete_checkpoints(run_dir))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _complete_checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if (p / "complete").is_file())
-
-
-def _load_into(module: nn.Module, path: Path, what: str) -> None:
-    """Load safetensors weights, explaining any mismatch by key and shape."""
-    state = load_file(str(path))
-    own = module.state_dict()
-    missing, unexpected, mismatched = state_dict_mismatches(own, state)
-    missing, unexpected = sorted(missing), sorted(unexpected)
-    shapes = [f"{k}: checkpoint {found} vs model {wanted}" for k, found, wanted in sorted(mismatched)]
-    if missing or unexpected or shapes:
-        lines = [f"{what} {path} does not match the model built from its config:"]
-        if missing:
-            lines.append(
-                f"  missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
-            )
-        if unexpected:
-            lines.append(
-                f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}"
-                f"{' ...' if len(unexpected) > 8 else ''}"
-            )
-        if shapes:
-            lines.append(f"  shape differences ({len(shapes)}): " + "; ".join(shapes[:8]))
-        lines.append("  Was the config edited, or the weights copied from another run?")
-        raise ValueError("\n".join(lines))
-    module.load_state_dict(state)
-
-
-def read_config(run_dir: str | Path) -> Config:
-    """The resolved config of a run folder (config.json, else the weights' metadata)."""
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist; train one with `sculpt train --out {run_dir}`")
-    path = run_dir / "config.json"
-    if path.is_file():
-        return cfg.load_config(str(path))
-    weights = run_dir / "ema.safetensors"
-    if weights.is_file():
-        with safe_open(str(weights), "pt") as handle:
-            meta = handle.metadata() or {}
-        if "config" in meta:
-            return cfg.from_dict(Config, json.loads(meta["config"]))
-    raise FileNotFoundError(f"{run_dir} has no config.json and no ema.safetensors: it is not a sculpt run folder")
-
-
-def load(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> tuple[Denoiser, Config]:
-    """A ready Denoiser from a run folder (EMA weights by default, eval mode) and its config."""
-    run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    denoiser = build_denoiser(config)
-    name = "ema.safetensors" if ema else "model.safetensors"
-    path = run_dir / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the run has not written a checkpoint yet")
-    _load_into(denoiser.net, path, "weights")
-    return denoiser.to(device).eval(), config
-
-
-# -- the loop ----------------------------------------------------------------------------
 
 
 class World:
@@ -292,7 +153,10 @@ def _stop_on_signals():
 
 
 def _ema_decay(step: int, config: Config) -> float:
-    """Karras et al. 2022 / diffusers' power schedule: fast averaging early, slow later."""
+    """Karras et al. 2022 / diffusers' power schedule: fast averaging early, slow later.
+
+    ``step`` counts from the start of the objective's current stage (a distillation round).
+    """
     return min(config.train.ema_max, 1 - (1 + step) ** -config.train.ema_power)
 
 
@@ -315,6 +179,7 @@ def _sample_grid(ema_denoiser: Denoiser, config: Config, noise: Tensor, labels: 
         tuple(noise.shape),
         sampler=config.train.sampler,
         steps=config.train.sample_steps,
+        spacing=config.train.sample_spacing or None,
         noise=noise,
         cond=cond,
         device=noise.device,
@@ -336,6 +201,34 @@ def make_optimizer(params, lr: float, weight_decay: float = 0.0) -> torch.optim.
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def _my_slice(draws: dict[str, Tensor], world: World, batch_size: int, device: torch.device, channels_last: bool):
+    """This process's rows of a step's global draws, on the device (float64 noise levels stay on the host)."""
+    mine = slice(world.rank * batch_size, (world.rank + 1) * batch_size)
+    batch = {}
+    for name, value in draws.items():
+        value = value[mine]
+        if value.dtype != torch.float64:
+            if device.type == "cuda":  # page-locked, so the copy overlaps the GPU's work
+                value = value.pin_memory()
+            value = value.to(device, non_blocking=True)
+            if channels_last and value.ndim == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+        batch[name] = value
+    return batch
+
+
+def _training_state(optimizer, scaler, step: int, noise_generator, stream, world: World) -> dict:
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "noise_rng": noise_generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "data": stream.state_dict(),
+        "world_size": world.size,
+    }
+
+
 def train(
     config: Config,
     *,
@@ -344,13 +237,14 @@ def train(
     device: str | torch.device | None = None,
     dataset: ImageDataset | None = None,
 ) -> Path:
-    """Train a denoiser as the config says; returns the run folder.
+    """Train the config's objective (``task``, default denoising); returns the run folder.
 
     ``resume=True`` continues from the run folder's latest checkpoint (its config is
     used, with ``train.steps`` taken from ``config`` so a finished run can be extended).
     """
     from tqdm.auto import tqdm
 
+    # -- set-up: processes, config, data -------------------------------------------------
     run_dir = Path(config.out)
     world = World.from_environment(device)
     device = world.device
@@ -358,13 +252,17 @@ def train(
         tune_cpu_allocator()  # about 20% faster steps on a CPU (sculpt.runtime)
     checkpoint = None
     if resume:
-        found = _complete_checkpoints(run_dir)
+        found = complete_checkpoints(run_dir)
         if not found:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
         checkpoint = found[-1]
         saved = read_config(run_dir)
         config = replace(saved, train=replace(saved.train, steps=config.train.steps), out=config.out)
     _check_config(config)
+    if config.distill.teacher and not config.distill.teacher_sha256:  # a student started by hand (--task)
+        config = replace(
+            config, distill=replace(config.distill, teacher_sha256=check_teacher(config.distill.teacher)[1])
+        )
     if dataset is None:
         dataset = load_dataset(config.data.name, resolution=config.data.resolution, channels=config.data.channels)
     config = resolve(config, dataset)
@@ -378,28 +276,34 @@ def train(
     )
     t = config.train
 
+    # -- set-up: model, objective, EMA, optimizer ------------------------------------------
     torch.manual_seed(t.seed)
-    denoiser = build_denoiser(config).to(device)
-    net = denoiser.net
+    model = build_denoiser(config).to(device)
+    objective: Objective = build_objective(config, model, device=device)
+    net = model.net
+    if checkpoint is None and (start := objective.initial_weights()) is not None:
+        net.load_state_dict(start)  # a student starts from its teacher
     if t.channels_last:
         net = net.to(memory_format=torch.channels_last)
     ema = build_denoiser(config).net.to(device).requires_grad_(False).eval()
     ema.load_state_dict(net.state_dict())
-    ema_denoiser = Denoiser(ema, denoiser.schedule, denoiser.prediction, denoiser.sigma_data)
+    ema_denoiser = Denoiser(ema, model.schedule, model.prediction, model.sigma_data)
     optimizer = make_optimizer(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     noise_generator = torch.Generator().manual_seed(t.seed + 1)
     # Every process walks the same global stream of batches (batch_size * world_size per micro-step)
-    # and the same global noise draws, and keeps its own slice: so the run is the same whatever
+    # and the objective's same global draws, and keeps its own slice: so the run is the same whatever
     # the number of processes, and a checkpoint resumes under any other number.
     global_batch = t.batch_size * world.size
     stream = batches(dataset, global_batch, generator=torch.Generator().manual_seed(t.seed), hflip=config.data.hflip)
-    num_classes = config.model.num_classes
     step = 0
 
+    # -- set-up: the run folder, or the checkpoint to resume -------------------------------
     if checkpoint is not None:
-        _load_into(net, checkpoint / "model.safetensors", "checkpoint")
-        _load_into(ema, checkpoint / "ema.safetensors", "checkpoint")
+        load_weights(net, checkpoint / "model.safetensors", "checkpoint")
+        load_weights(ema, checkpoint / "ema.safetensors", "checkpoint")
+        for name, module in objective.frozen().items():
+            load_weights(module, checkpoint / f"{name}.safetensors", "checkpoint")
         state = torch.load(checkpoint / "state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -417,55 +321,26 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "log.jsonl").write_text("")
     if world.main:
-        _write_text(run_dir / "config.json", cfg.to_json(config))
+        write_text(run_dir / "config.json", cfg.to_json(config))
 
-    model = net
+    # The losses run through the compiled / data-parallel wrapper; the weights live in net.
+    wrapped = net
     if t.compile:
-        model = torch.compile(model)
+        wrapped = torch.compile(wrapped)
     if world.size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    denoiser.net = model  # the loss runs through the compiled / data-parallel wrapper; weights live in net
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
+    model.net = wrapped
 
     fixed = torch.Generator().manual_seed(t.seed + 2)
     grid_noise = torch.randn((t.num_samples, *dataset.images.shape[1:]), generator=fixed).to(device)
+    num_classes = config.model.num_classes
     grid_labels = (torch.arange(t.num_samples) % num_classes).to(device) if num_classes else None
-
     watcher = _TrainingFID(config, dataset, run_dir, device) if world.main and t.eval_every else None
 
-    def state_dict() -> dict:
-        return {
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": step,
-            "noise_rng": noise_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "data": stream.state_dict(),
-            "world_size": world.size,
-        }
-
-    def micro_batch() -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """This process's slice of the next global batch, noise levels, noise and labels."""
-        images, labels = next(stream)
-        sigma = denoiser.schedule.sample_sigma(global_batch, generator=noise_generator)
-        noise = torch.randn(images.shape, generator=noise_generator)
-        mine = slice(world.rank * t.batch_size, (world.rank + 1) * t.batch_size)
-        cond = {}
-        if num_classes:
-            drop = torch.rand(global_batch, generator=noise_generator) < t.label_dropout
-            cond["class_labels"] = torch.where(drop, num_classes, labels)[mine].to(device)
-        images, noise = images[mine], noise[mine]
-        if device.type == "cuda":  # page-locked, so the copies below overlap the GPU's work
-            images, noise = images.pin_memory(), noise.pin_memory()
-        images, noise = images.to(device, non_blocking=True), noise.to(device, non_blocking=True)
-        if t.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-            noise = noise.contiguous(memory_format=torch.channels_last)
-        return images, sigma[mine], noise, cond
-
     net.train()
-    params = [p for p in net.parameters()]
-    ema_params = [p for p in ema.parameters()]
+    params = list(net.parameters())
+    ema_params = list(ema.parameters())
     log_path = run_dir / "log.jsonl"
     window_loss = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
@@ -474,17 +349,19 @@ def train(
         started = time.perf_counter()
         last = step >= t.steps  # a resumed run that already reached its steps only writes the final grid
         while not last:
+            # -- one optimizer step ---------------------------------------------------------
+            objective.begin_step(step, net, ema)
             for group in optimizer.param_groups:
                 group["lr"] = t.lr * min(1.0, (step + 1) / max(t.warmup, 1))
             optimizer.zero_grad(set_to_none=True)
             for micro in range(t.grad_accum):
-                images, sigma, noise, cond = micro_batch()
+                images, labels = next(stream)
+                draws = objective.draw(images, labels, noise_generator, step)
+                batch = _my_slice(draws, world, t.batch_size, device, t.channels_last)
                 # gradients are averaged across processes only on the last micro-batch
                 sync = world.size == 1 or micro == t.grad_accum - 1
-                with autocast(device, t.precision), nullcontext() if sync else model.no_sync():
-                    loss = denoiser.loss(
-                        images, weighting=config.diffusion.weighting, sigma=sigma, noise=noise, **cond
-                    ).mean()
+                with autocast(device, t.precision), nullcontext() if sync else wrapped.no_sync():
+                    loss = objective.loss(batch, step).mean()
                     scaler.scale(loss / t.grad_accum).backward()
                 window_loss += loss.detach() / t.grad_accum
             scaler.unscale_(optimizer)
@@ -492,7 +369,8 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1 - _ema_decay(step, config))
+                decay = _ema_decay(step - objective.stage_start(step), config)
+                torch._foreach_lerp_(ema_params, params, 1 - decay)
                 for ema_buffer, buffer in zip(ema.buffers(), net.buffers(), strict=True):
                     ema_buffer.copy_(buffer)
             step += 1
@@ -501,10 +379,11 @@ def train(
             last = step >= t.steps or over_time
             window_steps += 1
 
+            # -- log ------------------------------------------------------------------------
             if step % t.log_every == 0 or last or stopping:
                 mean_loss = world.mean(window_loss / window_steps)  # the one host sync per log interval
                 if not math.isfinite(mean_loss):
-                    found = _complete_checkpoints(run_dir)
+                    found = complete_checkpoints(run_dir)
                     where = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
                     raise FloatingPointError(
                         f"loss became {mean_loss} by step {step}; {where}. Lower --train.lr, keep "
@@ -517,6 +396,7 @@ def train(
                     "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": float(grad_norm),
                     "img_per_s": window_steps * global_batch * t.grad_accum / elapsed,
+                    **objective.record(step - 1),
                 }
                 if world.main:
                     with log_path.open("a") as handle:
@@ -526,6 +406,7 @@ def train(
                 window_steps, window_start = 0, time.perf_counter()
             bar.update(1)
 
+            # -- samples, small-n FID, checkpoint ---------------------------------------------
             if world.main and t.sample_every and step % t.sample_every == 0 and not last:
                 _sample_grid(
                     ema_denoiser, config, grid_noise, grid_labels, run_dir / "samples" / f"step_{step:06d}.png"
@@ -535,7 +416,10 @@ def train(
                     handle.write(json.dumps({"step": step, "eval": watcher(ema_denoiser, step)}) + "\n")
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or last or stopping:
                 if world.main:
-                    save_checkpoint(run_dir, step, net, ema, state_dict(), config, keep=t.keep_checkpoints)
+                    state = _training_state(optimizer, scaler, step, noise_generator, stream, world)
+                    save_checkpoint(
+                        run_dir, step, net, ema, state, config, frozen=objective.frozen(), keep=t.keep_checkpoints
+                    )
                 world.barrier()
             if stopping and not last:
                 bar.close()
@@ -551,9 +435,6 @@ class _TrainingFID:
     """FID at small n during training, against the training data, clearly labelled as such."""
 
     def __init__(self, config: Config, dataset: ImageDataset, run_dir: Path, device: torch.device):
-        from .evaluate import default_extractor
-        from .metrics.features import get_extractor, reference_stats
-
         t = config.train
         if t.eval_features:
             self.extractor = get_extractor(t.eval_features, device=device)
@@ -570,9 +451,6 @@ class _TrainingFID:
         self.config, self.device = config, device
 
     def __call__(self, ema_denoiser: Denoiser, step: int) -> dict:
-        from .evaluate import generate
-        from .metrics.stats import frechet_distance
-
         t, data = self.config.train, self.config.data
         fake = generate(
             ema_denoiser,
@@ -580,6 +458,7 @@ class _TrainingFID:
             t.eval_n,
             sampler=t.sampler,
             steps=t.sample_steps,
+            spacing=t.sample_spacing or None,
             seed=t.seed,
             progress=False,
             num_classes=self.config.model.num_classes,
@@ -601,12 +480,10 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    _write_text(path, "".join(line + "\n" for line in lines))
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _plot_log(run_dir: Path) -> None:
-    from .plots import plot_loss
-
     lines = (run_dir / "log.jsonl").read_text().splitlines()
     records = [r for r in (json.loads(line) for line in lines if line.strip()) if "loss" in r]
     if records:

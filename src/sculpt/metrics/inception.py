@@ -17,7 +17,7 @@ multiplies pool3 by the weight of ``softmax/logits/MatMul``) and torch-fidelity'
 Weights: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (a state dict with keys
 such as ``Conv2d_1a_3x3.conv.weight`` and ``fc.weight`` [1008, 2048]). Nothing downloads:
 give the path, or set ``SCULPT_INCEPTION_WEIGHTS``. Input: the preprocessing of
-`sculpt.metrics.features` at 299x299, then ``v / 127.5 - 1`` (pytorch-fid's ``2 x - 1``
+`sculpt.metrics.extractor` at 299x299, then ``v / 127.5 - 1`` (pytorch-fid's ``2 x - 1``
 on x = v / 255). Note pytorch-fid itself resizes with bilinear interpolation without
 antialiasing; sculpt uses the clean-fid resize, so its FIDs match clean-fid's protocol
 (not pytorch-fid's) at resolutions other than 299.
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sculpt.checkpoint import state_dict_mismatches
-from sculpt.metrics.features import FeatureExtractor, file_hash
+from sculpt.metrics.extractor import FeatureExtractor, file_hash
 
 __all__ = [
     "FID_WEIGHTS_FILENAME",

@@ -32,7 +32,7 @@ routes report bits of the same discrete data.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sculpt.denoiser import DenoiserFn
 from sculpt.schedules import Schedule
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
     "uniform_dequantize",
 ]
 
-Denoiser = Callable[..., Tensor]
 _F64 = torch.float64
 SOLVERS = ("rk4", "heun", "dopri5")
 PROBES = ("rademacher", "gaussian", "exact")
@@ -121,7 +121,7 @@ def uniform_dequantize(x: Tensor, bits: int = 8, *, generator: torch.Generator |
 # ----------------------------------------------------------------------------- ODE route
 
 
-def _call(denoiser: Denoiser, x: Tensor, sigma: float, dtype: torch.dtype, cond: Mapping[str, Tensor]) -> Tensor:
+def _call(denoiser: DenoiserFn, x: Tensor, sigma: float, dtype: torch.dtype, cond: Mapping[str, Tensor]) -> Tensor:
     """D at a scalar sigma for the whole batch; input in the model's dtype, output float64."""
     sigmas = torch.full((x.shape[0],), sigma, dtype=_F64)
     return denoiser(x.to(dtype), sigmas, **cond).to(_F64)
@@ -137,7 +137,7 @@ class _Drift:
     """
 
     def __init__(
-        self, denoiser: Denoiser, dtype: torch.dtype, cond: Mapping[str, Tensor], probe_vectors: Tensor | None
+        self, denoiser: DenoiserFn, dtype: torch.dtype, cond: Mapping[str, Tensor], probe_vectors: Tensor | None
     ):
         self.denoiser, self.dtype, self.cond = denoiser, dtype, cond
         self.probe_vectors = probe_vectors  # [K, B, ...] or None for the exact trace
@@ -264,7 +264,7 @@ def _check_images(x0_images: Tensor) -> None:
 
 
 def bpd_ode(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x0_images: Tensor,
     *,
     sigma_min: float,
@@ -429,7 +429,7 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, std: Tensor | f
 
 
 def bpd_vlb(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     schedule: Schedule,
     x0_images: Tensor,
     *,

@@ -1,0 +1,503 @@
+"""What the training loop optimises: one class per objective, named by the config's ``task``.
+
+An objective says
+
+- what it trains: ``model``, a ``Denoiser`` whose network the loop optimises, averages
+  (EMA) and checkpoints, and what that network starts from (``initial_weights``: a
+  teacher's, for a student);
+- what it keeps frozen: ``frozen()``, modules checkpointed beside the model and restored
+  on resume (a progressive-distillation teacher);
+- what a step draws: ``draw(images, labels, generator, step)`` gets the *global* batch and
+  the loop's generator, and returns tensors whose first dimension is the batch. Every
+  process makes the same draws and keeps its own slice, so N processes with batch B take
+  the steps of one with batch N*B and a checkpoint resumes under any number of them.
+  float64 tensors (noise levels) stay on the host, where the denoiser's scalings are
+  computed; the rest go to the device;
+- per-sample losses of this process's slice: ``loss(batch, step) -> [B]``.
+
+Objectives: ``Denoising`` (the diffusion loss, its weightings and noise-level draws),
+``ConsistencyTuning`` (ECT, Geng et al. 2024), ``ConsistencyTraining`` (iCT, Song &
+Dhariwal 2023) and ``ProgressiveDistillation`` (Salimans & Ho 2022). The loop
+(``sculpt.train``) knows none of them; ``sculpt.run.build_objective`` builds them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .config import Config
+from .denoiser import Denoiser, Scalings, add_noise, broadcast, per_sample_sigma, unit_state
+from .samplers import ddim
+from .schedules import grid, sigma_to_alpha_sigma
+
+__all__ = [
+    "WEIGHTINGS",
+    "OBJECTIVES",
+    "Objective",
+    "Denoising",
+    "ConsistencyTuning",
+    "ConsistencyTraining",
+    "ProgressiveDistillation",
+    "denoising_loss",
+    "ect_r",
+    "ict_steps",
+    "ict_sigmas",
+]
+
+
+# -- the denoising loss and its weightings, as a weight on the squared error of the output F --
+
+
+def _weight_none(sigma: Tensor, s: Scalings, sigma_data: float) -> Tensor:
+    return torch.ones_like(sigma)  # plain MSE on the target the network predicts
+
+
+def _weight_min_snr(sigma: Tensor, s: Scalings, sigma_data: float, gamma: float = 5.0) -> Tensor:
+    # Hang et al. 2023: weight min(SNR, gamma) on the x0 error, whatever the target; the
+    # F error is the x0 error / c_out, hence the c_out^2 (for eps this is min(SNR, g)/SNR).
+    snr = sigma.reciprocal() ** 2
+    return torch.clamp(snr, max=gamma) * s.c_out**2
+
+
+def _weight_edm(sigma: Tensor, s: Scalings, sigma_data: float) -> Tensor:
+    # Karras et al. 2022: lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on the x0 error.
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2 * s.c_out**2
+
+
+WEIGHTINGS: dict[str, Callable[[Tensor, Scalings, float], Tensor]] = {
+    "none": _weight_none,
+    "min_snr": _weight_min_snr,
+    "edm": _weight_edm,
+}
+
+
+def denoising_loss(
+    D: Denoiser,
+    x0: Tensor,
+    *,
+    weighting: str = "none",
+    sigma: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    **cond: Tensor,
+) -> Tensor:
+    """Per-sample diffusion loss [B]: weighted MSE between the network output F and its target.
+
+    Draws sigma from the schedule's training distribution (uniform discrete levels,
+    uniform t, or EDM's log-normal) unless given, jumps straight to x = x0 + sigma eps,
+    and compares F with the exact target (x0 - c_skip u) / c_out, written in x0 and
+    eps so that no cancellation occurs at small sigma.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+    if sigma is None:
+        sigma = D.schedule.sample_sigma(x0.shape[0], generator=generator)
+    sigma = per_sample_sigma(sigma, x0)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device, non_blocking=True)
+    s = D.scalings(sigma)
+    u = unit_state(add_noise(x0, sigma, noise), sigma)
+    # u = alpha x0 + sigma_vp eps, so the target (x0 - c_skip u) / c_out splits exactly:
+    alpha, sigma_vp = sigma_to_alpha_sigma(sigma)
+    coef_x0 = (1 - s.c_skip * alpha) / s.c_out
+    coef_eps = -s.c_skip * sigma_vp / s.c_out
+    target = broadcast(coef_x0, x0) * x0 + broadcast(coef_eps, x0) * noise
+    out = D.output(u, s, **cond)
+    mse = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+    weight = WEIGHTINGS[weighting](sigma, s, D.sigma_data)
+    return weight.to(device=mse.device, dtype=mse.dtype, non_blocking=True) * mse
+
+
+# -- the interface ----------------------------------------------------------------------
+
+
+class Objective:
+    """What the loop optimises (see the module docstring). Subclasses set ``name``."""
+
+    name = ""
+
+    def __init__(self, config: Config, model: Denoiser, teacher: Denoiser | None = None) -> None:
+        self.config, self.model, self.teacher = config, model, teacher
+
+    def initial_weights(self) -> dict[str, Tensor] | None:
+        """The state dict the trained network starts from (None: its fresh initialisation)."""
+        return None
+
+    def frozen(self) -> dict[str, nn.Module]:
+        """Modules the objective uses but does not train; checkpointed as NAME.safetensors."""
+        return {}
+
+    def draw(self, images: Tensor, labels: Tensor, generator: torch.Generator, step: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def loss(self, batch: dict[str, Tensor], step: int) -> Tensor:
+        raise NotImplementedError
+
+    def begin_step(self, step: int, net: nn.Module, ema: nn.Module) -> None:
+        """Called before each optimizer step (a stage change swaps teachers here)."""
+
+    def stage_start(self, step: int) -> int:
+        """The step at which the current stage began: the EMA's age counts from there."""
+        return 0
+
+    def record(self, step: int) -> dict[str, float | int]:
+        """Extra fields for the log line at this step."""
+        return {}
+
+    def _labels(self, labels: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """Class labels with label dropout to the null class (for classifier-free guidance)."""
+        num_classes = self.config.model.num_classes
+        if not num_classes:
+            return {}
+        drop = torch.rand(labels.shape[0], generator=generator) < self.config.train.label_dropout
+        return {"class_labels": torch.where(drop, num_classes, labels)}
+
+
+def _cond(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {"class_labels": batch["class_labels"]} if "class_labels" in batch else {}
+
+
+# -- denoising ----------------------------------------------------------------------------
+
+
+class Denoising(Objective):
+    """The diffusion loss: noise levels from the schedule, weighting from ``diffusion.weighting``."""
+
+    name = "denoising"
+
+    def __init__(self, config: Config, model: Denoiser, teacher: Denoiser | None = None) -> None:
+        super().__init__(config, model, teacher)
+        if config.diffusion.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"unknown diffusion.weighting {config.diffusion.weighting!r}; valid: {', '.join(WEIGHTINGS)}"
+            )
+
+    def draw(self, images: Tensor, labels: Tensor, generator: torch.Generator, step: int) -> dict[str, Tensor]:
+        sigma = self.model.schedule.sample_sigma(images.shape[0], generator=generator)
+        noise = torch.randn(images.shape, generator=generator)
+        return {"x0": images, "sigma": sigma, "noise": noise, **self._labels(labels, generator)}
+
+    def loss(self, batch: dict[str, Tensor], step: int) -> Tensor:
+        return denoising_loss(
+            self.model,
+            batch["x0"],
+            weighting=self.config.diffusion.weighting,
+            sigma=batch["sigma"],
+            noise=batch["noise"],
+            **_cond(batch),
+        )
+
+
+# -- consistency models ---------------------------------------------------------------------
+
+
+@contextmanager
+def _same_dropout(device: torch.device) -> Iterator[Callable[[], None]]:
+    """Yields a function that rewinds the RNG, so a second forward draws the first one's dropout masks."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+    after_cpu = after_cuda = None
+    try:
+        yield rewind
+        after_cpu = torch.get_rng_state()
+        after_cuda = torch.cuda.get_rng_state(device) if cuda is not None else None
+    finally:
+        if after_cpu is not None:
+            torch.set_rng_state(after_cpu)
+        if after_cuda is not None:
+            torch.cuda.set_rng_state(after_cuda, device)
+
+
+def _consistency_distance(diff: Tensor, metric: str, c: float) -> Tensor:
+    """Per-sample distance of f(x_t) - f(x_r): pseudo-Huber on the vector norm, or the mean square."""
+    flat = diff.float().flatten(1)
+    if metric == "l2":
+        return flat.pow(2).mean(1)
+    # sqrt(|d|^2 + c^2) - c: the adaptive weight 1 / |d| of ECT (c = 0) or iCT's pseudo-Huber.
+    return torch.sqrt(flat.pow(2).sum(1) + c * c) - c
+
+
+def _boundary_sigma(model: Denoiser) -> float:
+    """Where f(x, sigma) = x holds exactly: sigma_min for cm, sigma = 0 for eps / v / edm."""
+    return model.schedule.sigma_min if model.prediction == "cm" else 0.0
+
+
+def ect_r(t: Tensor, stage: int, *, q: float, k: float, b: float, boundary: float) -> Tensor:
+    """ECT's mapping r(t) = t (1 - q^-stage n(t)), n(t) = 1 + k sigmoid(-b t); at or below the boundary, 0.
+
+    Stage 0 gives r = 0 everywhere (plain denoising); each later stage shrinks t - r by q.
+    """
+    n = 1 + k * torch.sigmoid(-b * t)
+    r = t * (1 - q ** (-stage) * n)
+    return torch.where(r > max(boundary, 0.0), r, torch.zeros_like(r))
+
+
+class ConsistencyTuning(Objective):
+    """Easy consistency tuning (ECT; Geng et al. 2024, "Consistency models made easy").
+
+    The student starts from the teacher's weights and learns f(x_t, t) = sg(f(x_r, r)) on
+    one noise draw, x_t = x0 + t eps and x_r = x0 + r eps, with r = ``ect_r(t, stage)``:
+    stage 0 is the denoising loss (r = 0, whose target is x0 by the boundary condition),
+    and every ``ect.stage_steps`` the gap t - r shrinks by ``ect.q``. No separate teacher
+    network, no LPIPS, no JVP: the target is the student itself without gradient, with
+    the same dropout masks. The loss is the pseudo-Huber distance (the plain norm at
+    c = 0, the paper's adaptive weighting) times w(t) = 1/t^2 + 1/sigma_data^2.
+    """
+
+    name = "ect"
+
+    def __init__(self, config: Config, model: Denoiser, teacher: Denoiser | None = None) -> None:
+        super().__init__(config, model, teacher)
+        e = config.ect
+        if teacher is None:
+            raise ValueError("ect tunes a trained diffusion run: give its folder (sculpt distill RUN --method ect)")
+        if model.prediction == "x0":
+            raise ValueError(
+                "ect needs the boundary condition f(x, 0) = x, which an x0-prediction model does not have "
+                "(its c_skip is 0); distill a teacher trained with --diffusion.prediction=v, eps or edm"
+            )
+        if e.metric not in ("huber", "l2") or e.weighting not in ("edm", "inverse_dt"):
+            raise ValueError(f"ect.metric must be huber or l2 and ect.weighting edm or inverse_dt (got {e})")
+        if e.stage_steps < 1 or e.q <= 1 or e.start_stage < 0:
+            raise ValueError("ect.stage_steps must be >= 1, ect.q > 1 and ect.start_stage >= 0")
+        schedule = model.schedule
+        self.sigma_lo = max(schedule.sigma_min, 1e-4)
+        # A zero-terminal-SNR schedule has sigma_max = inf: draw t below its last finite level.
+        self.sigma_hi = schedule.sigma_max if math.isfinite(schedule.sigma_max) else float(schedule.sigma(0.999))
+        self.boundary = max(_boundary_sigma(model), schedule.sigma_min)
+
+    def initial_weights(self) -> dict[str, Tensor]:
+        return self.teacher.net.state_dict()
+
+    def stage(self, step: int) -> int:
+        return self.config.ect.start_stage + step // self.config.ect.stage_steps
+
+    def draw(self, images: Tensor, labels: Tensor, generator: torch.Generator, step: int) -> dict[str, Tensor]:
+        e = self.config.ect
+        z = torch.randn(images.shape[0], generator=generator, dtype=torch.float64)
+        t = torch.exp(e.p_mean + e.p_std * z).clamp(self.sigma_lo, self.sigma_hi)
+        noise = torch.randn(images.shape, generator=generator)
+        r = ect_r(t, self.stage(step), q=e.q, k=e.k, b=e.b, boundary=self.boundary)
+        return {"x0": images, "t": t, "r": r, "noise": noise, **self._labels(labels, generator)}
+
+    def loss(self, batch: dict[str, Tensor], step: int) -> Tensor:
+        e, x0, t, r = self.config.ect, batch["x0"], batch["t"], batch["r"]
+        cond = _cond(batch)
+        at_boundary = broadcast(r == 0, x0)
+        with _same_dropout(x0.device) as rewind:
+            f_t = self.model(add_noise(x0, t, batch["noise"]), t, **cond)
+            if bool((r > 0).any()):
+                rewind()
+                level = torch.where(r > 0, r, t)  # r = 0 rows: any valid level, replaced by x0 below
+                with torch.no_grad():
+                    f_r = self.model(add_noise(x0, level, batch["noise"]), level, **cond)
+                target = torch.where(at_boundary, x0, f_r.to(x0.dtype))
+            else:
+                target = x0
+        distance = _consistency_distance(f_t - target, e.metric, e.huber_c)
+        if e.weighting == "edm":
+            sd = self.model.sigma_data
+            weight = (t**2 + sd**2) / (t * sd) ** 2
+        else:
+            weight = (t - r).reciprocal()
+        return weight.to(device=distance.device, dtype=distance.dtype) * distance
+
+    def record(self, step: int) -> dict[str, float | int]:
+        return {"stage": self.stage(step)}
+
+
+def ict_steps(step: int, total_steps: int, s0: int, s1: int) -> int:
+    """iCT's discretisation curriculum N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2(s1/s0) + 1))."""
+    period = max(1, math.floor(total_steps / (math.log2(s1 / s0) + 1)))
+    return min(s0 * 2 ** (step // period), s1) + 1
+
+
+def ict_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    """Karras et al.'s n levels from sigma_min up to sigma_max (increasing), float64."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    return (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+
+
+class ConsistencyTraining(Objective):
+    """Improved consistency training from scratch (iCT; Song & Dhariwal 2023).
+
+    Adjacent levels (sigma_i, sigma_i+1) of a Karras grid whose size doubles by the
+    curriculum ``ict_steps``, the index drawn with probability proportional to the
+    log-normal mass between the two levels; the loss is the pseudo-Huber distance
+    between f(x0 + sigma_i+1 z) and the stop-gradient f(x0 + sigma_i z), weighted by
+    1 / (sigma_i+1 - sigma_i). No EMA teacher: the target is the student itself. The
+    model must use the ``cm`` target, whose f(x, sigma_min) = x is the boundary condition.
+    """
+
+    name = "ict"
+
+    def __init__(self, config: Config, model: Denoiser, teacher: Denoiser | None = None) -> None:
+        super().__init__(config, model, teacher)
+        i = config.ict
+        if model.prediction != "cm":
+            raise ValueError(
+                f"ict trains a consistency model: it needs --diffusion.prediction=cm (got {model.prediction!r}); "
+                "sculpt distill --method ict sets it"
+            )
+        if not (1 <= i.s0 <= i.s1):
+            raise ValueError(f"ict needs 1 <= s0 <= s1 (got {i.s0}, {i.s1})")
+        self.sigma_min = model.schedule.sigma_min
+        self.sigma_max = model.schedule.sigma_max
+        if not math.isfinite(self.sigma_max):
+            raise ValueError("ict needs a schedule with finite sigma_max (use --diffusion.schedule=edm)")
+
+    def levels(self, step: int) -> Tensor:
+        n = ict_steps(step, self.config.train.steps, self.config.ict.s0, self.config.ict.s1)
+        return ict_sigmas(n, self.sigma_min, self.sigma_max, self.config.ict.rho)
+
+    def draw(self, images: Tensor, labels: Tensor, generator: torch.Generator, step: int) -> dict[str, Tensor]:
+        i = self.config.ict
+        sigmas = self.levels(step)
+        cdf = torch.erf((torch.log(sigmas) - i.p_mean) / (math.sqrt(2) * i.p_std))
+        index = torch.multinomial(cdf[1:] - cdf[:-1], images.shape[0], replacement=True, generator=generator)
+        noise = torch.randn(images.shape, generator=generator)
+        return {
+            "x0": images,
+            "sigma_lo": sigmas[index],
+            "sigma_hi": sigmas[index + 1],
+            "noise": noise,
+            **self._labels(labels, generator),
+        }
+
+    def loss(self, batch: dict[str, Tensor], step: int) -> Tensor:
+        x0, lo, hi, noise = batch["x0"], batch["sigma_lo"], batch["sigma_hi"], batch["noise"]
+        cond = _cond(batch)
+        c = self.config.ict.huber_c or 0.00054 * math.sqrt(x0[0].numel())
+        with _same_dropout(x0.device) as rewind:
+            f_hi = self.model(add_noise(x0, hi, noise), hi, **cond)
+            rewind()
+            with torch.no_grad():
+                f_lo = self.model(add_noise(x0, lo, noise), lo, **cond)
+        distance = _consistency_distance(f_hi - f_lo.to(f_hi.dtype), "huber", c)
+        return (hi - lo).reciprocal().to(device=distance.device, dtype=distance.dtype) * distance
+
+    def record(self, step: int) -> dict[str, float | int]:
+        return {"levels": len(self.levels(step))}
+
+
+# -- progressive distillation -----------------------------------------------------------------
+
+
+class ProgressiveDistillation(Objective):
+    """Progressive distillation (Salimans & Ho 2022): one student step matches two teacher DDIM steps.
+
+    Round k trains a student for ``pd.start_steps / 2^(k+1)`` steps on the grid whose every
+    other level it skips: from x at sigma (a student level), the teacher takes two DDIM
+    steps through the level between to x'' at sigma''; the student's x0 target is the one
+    whose single DDIM step lands there, (x'' - (sigma''/sigma) x) / (1 - sigma''/sigma), and
+    its loss the squared x0 error weighted by max(SNR, 1) (SNR = 1/sigma^2). At the end of
+    a round the student's EMA becomes the next teacher (kept frozen and checkpointed) and
+    the student's starting point; the EMA restarts with the round.
+    """
+
+    name = "pd"
+
+    def __init__(self, config: Config, model: Denoiser, teacher: Denoiser | None = None) -> None:
+        super().__init__(config, model, teacher)
+        p = config.pd
+        if teacher is None:
+            raise ValueError("pd distils a trained diffusion run: give its folder (sculpt distill RUN --method pd)")
+        if model.prediction in ("eps", "cm"):
+            raise ValueError(
+                f"pd cannot use prediction {model.prediction!r}: at a few steps an eps model's x0 = (x - sigma eps) "
+                "amplifies its error without bound (Salimans & Ho 2022, section 4); distill a teacher trained "
+                "with --diffusion.prediction=v, x0 or edm"
+            )
+        if p.rounds < 1 or p.round_steps < 1 or p.start_steps % 2**p.rounds:
+            raise ValueError(
+                f"pd.start_steps ({p.start_steps}) must be divisible by 2^pd.rounds ({2**p.rounds}), "
+                "with rounds and round_steps >= 1"
+            )
+        for r in range(p.rounds):
+            self._check_nesting(p.start_steps // 2**r)
+        self.teacher.requires_grad_(False).eval()
+
+    def _check_nesting(self, teacher_steps: int) -> None:
+        fine = grid(self.model.schedule, teacher_steps, self.config.pd.spacing)
+        coarse = grid(self.model.schedule, teacher_steps // 2, self.config.pd.spacing)
+        if len(fine) != teacher_steps + 1 or not torch.allclose(fine[::2], coarse, rtol=1e-9, atol=0):
+            raise ValueError(
+                f"pd.spacing={self.config.pd.spacing!r} does not nest at {teacher_steps} steps (its grid of "
+                f"{teacher_steps // 2} steps is not every other level of its grid of {teacher_steps}); "
+                "use pd.spacing=trailing"
+            )
+
+    def initial_weights(self) -> dict[str, Tensor]:
+        return self.teacher.net.state_dict()
+
+    def frozen(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher.net}
+
+    def round(self, step: int) -> int:
+        return min(step // self.config.pd.round_steps, self.config.pd.rounds - 1)
+
+    def student_steps(self, step: int) -> int:
+        return self.config.pd.start_steps // 2 ** (self.round(step) + 1)
+
+    def teacher_grid(self, step: int) -> Tensor:
+        return grid(self.model.schedule, 2 * self.student_steps(step), self.config.pd.spacing)
+
+    def begin_step(self, step: int, net: nn.Module, ema: nn.Module) -> None:
+        p = self.config.pd
+        if step > 0 and step % p.round_steps == 0 and step // p.round_steps < p.rounds:
+            with torch.no_grad():  # the round's student becomes the next teacher and the next student
+                self.teacher.net.load_state_dict(ema.state_dict())
+                net.load_state_dict(ema.state_dict())
+
+    def stage_start(self, step: int) -> int:
+        return self.round(step) * self.config.pd.round_steps
+
+    def draw(self, images: Tensor, labels: Tensor, generator: torch.Generator, step: int) -> dict[str, Tensor]:
+        index = torch.randint(self.student_steps(step), (images.shape[0],), generator=generator)
+        noise = torch.randn(images.shape, generator=generator)
+        return {"x0": images, "index": index, "noise": noise, **self._labels(labels, generator)}
+
+    def loss(self, batch: dict[str, Tensor], step: int) -> Tensor:
+        x0, index, noise = batch["x0"], batch["index"].cpu(), batch["noise"]
+        cond = _cond(batch)
+        levels = self.teacher_grid(step)
+        sigma = levels[2 * index]
+        x = add_noise(x0, sigma, noise)
+        target = torch.empty_like(x)
+        with torch.no_grad():
+            for i in index.unique().tolist():
+                rows = (index == i).nonzero().squeeze(1).to(x.device)
+                rows_cond = {key: value[rows] for key, value in cond.items()}
+                teacher = _with_cond(self.teacher, rows_cond)
+                x_rows = x[rows]
+                x_far = ddim(teacher, x_rows.float(), levels[2 * i : 2 * i + 3])
+                ratio = 0.0 if math.isinf(levels[2 * i]) else float(levels[2 * i + 2] / levels[2 * i])
+                target[rows] = ((x_far - ratio * x_rows) / (1 - ratio)).to(x.dtype)
+        x0_hat = self.model(x, sigma, **cond)
+        mse = (x0_hat.float() - target.float()).pow(2).flatten(1).mean(1)
+        weight = torch.clamp(sigma.reciprocal() ** 2, min=1.0)  # max(SNR, 1), "truncated SNR"
+        return weight.to(device=mse.device, dtype=mse.dtype) * mse
+
+    def record(self, step: int) -> dict[str, float | int]:
+        return {"round": self.round(step), "student_steps": self.student_steps(step)}
+
+
+def _with_cond(D: Denoiser, cond: dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    return D if not cond else (lambda x, sigma: D(x, sigma, **cond))
+
+
+#: ``config.task`` -> objective class.
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (Denoising, ConsistencyTuning, ConsistencyTraining, ProgressiveDistillation)
+}
