@@ -294,7 +294,7 @@ class ConsistencyTuning(Objective):
     def loss(self, batch: dict[str, Tensor], step: int) -> Tensor:
         e, x0, t, r = self.config.ect, batch["x0"], batch["t"], batch["r"]
         cond = _cond(batch)
-        at_boundary = broadcast(r == 0, x0)
+        at_boundary = (r == 0).to(x0.device).view(-1, *([1] * (x0.ndim - 1)))
         with _same_dropout(x0.device) as rewind:
             f_t = self.model(add_noise(x0, t, batch["noise"]), t, **cond)
             if bool((r > 0).any()):
