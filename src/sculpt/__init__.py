@@ -1,8 +1,10 @@
 """sculpt: train, sample and evaluate diffusion models of images.
 
-The contracts (see DESIGN.md): ``schedules`` map time to noise level sigma in
-x = x0 + sigma * eps; a ``Denoiser`` turns any network into D(x, sigma) -> x0_hat;
-a sampler is a plain function over D and a grid of sigmas.
+The contracts (docs/architecture.md in the repository): ``schedules`` map time to noise
+level sigma in x = x0 + sigma * eps; a ``Denoiser`` turns any network into
+D(x, sigma) -> x0_hat (``DenoiserFn`` is the protocol every sampler takes); a sampler is a
+plain function over D and a grid of sigmas; an objective (``sculpt.objectives``) is what
+the training loop optimises; a run folder (``sculpt.run``) rebuilds itself with ``load``.
 """
 
 from . import schedules
