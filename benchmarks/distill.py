@@ -230,7 +230,10 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=1000, help="samples per score (capped at the test split)")
     parser.add_argument("--reuse", action="store_true", help="keep run folders that exist")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny step counts, n = 200")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.methods = args.methods.split(",")
     if args.quick:
         args.teacher_steps, args.ect_steps, args.pd_round_steps, args.ict_steps, args.n = 200, 100, 20, 100, 200

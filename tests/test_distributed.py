@@ -16,13 +16,14 @@ COMMON = ["--train.log_every=1", "--train.sample_every=0", "--train.num_samples=
           '--model.net_options={"base_channels": 16}', "--train.warmup=2"]
 
 
-def run(args, procs=1, launcher="torchrun"):
+def run(args, procs=1, launcher="torchrun", command="train"):
     launchers = {
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"],
         "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={procs}"]
         + ["--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"],
     }
-    command = (launchers[launcher] if procs > 1 else [sys.executable]) + ["-m", "sculpt", "train", *args, *COMMON]
+    common = COMMON if command == "train" else [a for a in COMMON if not a.startswith("--model.")]
+    command = (launchers[launcher] if procs > 1 else [sys.executable]) + ["-m", "sculpt", command, *args, *common]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -68,3 +69,16 @@ def test_accelerate_launch_runs_the_same_data_parallel_loop(tmp_path):
     _, config = load(tmp_path / "acc")
     assert (config.train.world_size, config.train.effective_batch) == (2, 16)
     assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ect", "pd"])
+def test_a_student_takes_the_same_steps_under_two_processes_and_resumes_exactly(tmp_path, method):
+    teacher = tmp_path / "teacher"
+    run(["--out", str(teacher), "--steps", "2", "--train.batch_size=8"])
+    options = ["--pd.start_steps=4", "--pd.rounds=2", "--pd.round_steps=3"] if method == "pd" else []
+    one = ["distill", str(teacher), "--method", method, "--steps", "6", *options]
+    run([*one[1:], "--out", str(tmp_path / "one"), "--train.batch_size=16"], command="distill")
+    run([*one[1:], "--out", str(tmp_path / "two"), "--train.batch_size=8", "--steps", "3"], procs=2, command="distill")
+    run([*one[1:], "--out", str(tmp_path / "two"), "--train.batch_size=8", "--resume"], procs=2, command="distill")
+    assert len(losses(tmp_path / "two")) == 6
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-6)
