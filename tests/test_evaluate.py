@@ -14,10 +14,18 @@ from sculpt.train import train
 @pytest.fixture(scope="module")
 def run_and_features(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    config = override(Config(), {
-        "out": str(root / "run"), "train.steps": "3", "train.batch_size": "16", "train.sample_every": "0",
-        "train.num_samples": "4", "train.sample_steps": "2", "model.net_options": '{"base_channels": 16}',
-    })
+    config = override(
+        Config(),
+        {
+            "out": str(root / "run"),
+            "train.steps": "3",
+            "train.batch_size": "16",
+            "train.sample_every": "0",
+            "train.num_samples": "4",
+            "train.sample_steps": "2",
+            "model.net_options": '{"base_channels": 16}',
+        },
+    )
     run = train(config, progress=False)
     assert main(["features", "train", "--data", "digits", "--steps", "40", "--out", str(root / "feat")]) == 0
     return run, root / "feat"
@@ -26,8 +34,20 @@ def run_and_features(tmp_path_factory):
 def test_eval_writes_a_complete_record(run_and_features, capsys):
     run, feat = run_and_features
     with pytest.warns(UserWarning, match="below the recommended"):
-        code = main(["eval", str(run), "--metrics", "fid,kid,is,pr", "-n", "160", "--steps", "3",
-                     "--features", f"classifier:{feat}"])
+        code = main(
+            [
+                "eval",
+                str(run),
+                "--metrics",
+                "fid,kid,is,pr",
+                "-n",
+                "160",
+                "--steps",
+                "3",
+                "--features",
+                f"classifier:{feat}",
+            ]
+        )
     assert code == 0
     record = json.loads((run / "eval.json").read_text())
     scores = record["scores"]
@@ -35,26 +55,79 @@ def test_eval_writes_a_complete_record(run_and_features, capsys):
     assert set(scores["kid"]) == {"mean", "std", "subset_size"}
     assert 1.0 <= scores["is"]["mean"] <= 10.0  # 10 classes bound the Inception-style score
     assert 0 <= scores["pr"]["precision"] <= 1 and 0 <= scores["pr"]["recall"] <= 1
-    for key in ["n_fake", "n_real", "seed", "sampler", "steps", "nfe", "precision", "guidance", "checkpoint_sha256",
-                "extractor", "extractor_weights_sha256", "resize", "reference_key", "versions", "warnings"]:
+    for key in [
+        "n_fake",
+        "n_real",
+        "seed",
+        "sampler",
+        "steps",
+        "nfe",
+        "precision",
+        "guidance",
+        "checkpoint_sha256",
+        "extractor",
+        "extractor_weights_sha256",
+        "resize",
+        "reference_key",
+        "versions",
+        "warnings",
+    ]:
         assert key in record, key
     assert record["n_fake"] == 160 and record["n_real"] == 1500 and record["nfe"] == 3
     assert record["versions"]["torch"] and len(record["warnings"]) == 4
     # the same seed gives the same numbers; the reference statistics come from the cache
-    main(["eval", str(run), "--metrics", "fid", "-n", "160", "--steps", "3", "--features", f"classifier:{feat}",
-          "--out", str(run / "again.json")])
+    main(
+        [
+            "eval",
+            str(run),
+            "--metrics",
+            "fid",
+            "-n",
+            "160",
+            "--steps",
+            "3",
+            "--features",
+            f"classifier:{feat}",
+            "--out",
+            str(run / "again.json"),
+        ]
+    )
     assert json.loads((run / "again.json").read_text())["scores"]["fid"] == pytest.approx(scores["fid"], rel=1e-9)
 
 
 def test_sweep_table_and_plot(run_and_features, capsys):
     run, feat = run_and_features
     plot = run / "sweep.png"
-    assert main(["eval", str(run), "--metrics", "fid", "-n", "140", "--features", f"classifier:{feat}",
-                 "--sweep", "steps=2,4", "--sweep", "sampler=ddim,heun", "--plot", str(plot),
-                 "--precision", "bf16"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--metrics",
+                "fid",
+                "-n",
+                "140",
+                "--features",
+                f"classifier:{feat}",
+                "--sweep",
+                "steps=2,4",
+                "--sweep",
+                "sampler=ddim,heun",
+                "--plot",
+                str(plot),
+                "--precision",
+                "bf16",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((run / "eval_sweep.json").read_text())["sweep"]
-    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 2), ("ddim", 4, 4),
-                                                                   ("heun", 2, 3), ("heun", 4, 7)]
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [
+        ("ddim", 2, 2),
+        ("ddim", 4, 4),
+        ("heun", 2, 3),
+        ("heun", 4, 7),
+    ]
     assert {r["precision"] for r in rows} == {"bf16"}
     assert Image.open(plot).size[0] > 300
     assert "heun" in capsys.readouterr().out
@@ -65,8 +138,24 @@ def test_two_image_sets(run_and_features, tmp_path):
     fake = tmp_path / "fake.npz"
     assert main(["sample", str(run), "-n", "140", "--steps", "2", "--format", "npz", "--out", str(fake)]) == 0
     out = tmp_path / "sets.json"
-    assert main(["eval", "--real", "digits", "--fake", str(fake), "--metrics", "fid,pr",
-                 "--features", f"classifier:{feat}", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--real",
+                "digits",
+                "--fake",
+                str(fake),
+                "--metrics",
+                "fid,pr",
+                "--features",
+                f"classifier:{feat}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     assert record["n_real"] == 1500 and record["n_fake"] == 140 and record["scores"]["fid"] > 0
 
@@ -87,14 +176,40 @@ def test_bad_input(run_and_features, tmp_path, capsys):
 
 def test_training_time_fid_is_logged_and_labelled(run_and_features, tmp_path):
     _, feat = run_and_features
-    config = override(Config(), {
-        "out": str(tmp_path / "run"), "train.steps": "4", "train.batch_size": "16", "train.sample_every": "0",
-        "train.num_samples": "4", "train.sample_steps": "2", "model.net_options": '{"base_channels": 16}',
-        "train.eval_every": "2", "train.eval_n": "150", "train.eval_features": f"classifier:{feat}",
-    })
+    config = override(
+        Config(),
+        {
+            "out": str(tmp_path / "run"),
+            "train.steps": "4",
+            "train.batch_size": "16",
+            "train.sample_every": "0",
+            "train.num_samples": "4",
+            "train.sample_steps": "2",
+            "model.net_options": '{"base_channels": 16}',
+            "train.eval_every": "2",
+            "train.eval_n": "150",
+            "train.eval_features": f"classifier:{feat}",
+        },
+    )
     run = train(config, progress=False)
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     evals = [line for line in lines if "eval" in line]
     assert [e["step"] for e in evals] == [2, 4]
     assert all(e["eval"]["fid"] > 0 and e["eval"]["n"] == 150 and "small n" in e["eval"]["note"] for e in evals)
     assert (run / "loss.png").is_file()
+
+
+def test_eval_of_a_student_records_its_method_teacher_and_steps(run_and_features, tmp_path):
+    from sculpt.run import student_config, weights_hash
+
+    run, feat = run_and_features
+    overrides = {"train.batch_size": "16", "train.sample_every": "0", "train.num_samples": "4"}
+    student = train(
+        student_config("ect", teacher=run, out=str(tmp_path / "ect"), steps=2, overrides=overrides), progress=False
+    )
+    with pytest.warns(UserWarning, match="below the recommended"):
+        assert main(["eval", str(student), "--metrics", "fid", "-n", "140", "--features", f"classifier:{feat}"]) == 0
+    record = json.loads((student / "eval.json").read_text())
+    assert (record["task"], record["sampler"], record["steps"], record["nfe"]) == ("ect", "consistency", 2, 2)
+    assert record["spacing"] == "consistency" and record["student_steps"] == 2
+    assert record["teacher"] == str(run) and record["teacher_sha256"] == weights_hash(run / "ema.safetensors")

@@ -29,16 +29,7 @@ from sculpt.run import build_objective, complete_checkpoints, load, student_conf
 from sculpt.samplers import ddim
 from sculpt.toy import GaussianMixture
 from sculpt.train import Interrupted, train
-
-TINY = {
-    "model.net_options": '{"base_channels": 16}',
-    "train.batch_size": "16",
-    "train.log_every": "1",
-    "train.sample_every": "0",
-    "train.num_samples": "4",
-    "train.sample_steps": "2",
-    "train.warmup": "3",
-}
+from test_train import TINY
 
 
 def tiny(**extra):

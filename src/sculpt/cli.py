@@ -74,7 +74,13 @@ def _resolved_config(args: argparse.Namespace, extra: list[str]):
     from .config import Config, override
 
     assignments = {}
-    for flag, field in [("data", "data.name"), ("net", "model.net"), ("steps", "train.steps"), ("out", "out")]:
+    for flag, field in [
+        ("data", "data.name"),
+        ("net", "model.net"),
+        ("steps", "train.steps"),
+        ("out", "out"),
+        ("task", "task"),
+    ]:
         value = getattr(args, flag, None)
         if value is not None:
             assignments[field] = str(value)
@@ -301,6 +307,7 @@ def _features(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .objectives import OBJECTIVES
     from .samplers import SAMPLERS
     from .schedules import GRIDS
 
@@ -318,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None, help="training steps")
     train.add_argument("--out", default=None, help="run folder (default runs/digits)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument(
+        "--task", default=None, choices=list(OBJECTIVES), help="the objective (default denoising; see sculpt distill)"
+    )
     train.set_defaults(handler=_train)
 
     distill = commands.add_parser(
