@@ -131,7 +131,7 @@ def benchmark(name: str, args: argparse.Namespace) -> list[str]:
     teacher_fd = {}
     for nfe in TEACHER_NFE:
         best = None
-        for sampler, spacing in TEACHER_SAMPLERS:
+        for sampler, spacing in args.teacher_samplers:
             steps = (nfe + 1) // 2 if sampler == "heun" else nfe
             if NFE[sampler](steps) != nfe or (sampler == "heun" and nfe < 3):
                 continue
@@ -147,7 +147,7 @@ def benchmark(name: str, args: argparse.Namespace) -> list[str]:
 
     # -- the students --------------------------------------------------------------------------
     plan = {
-        "ect": ({"train.checkpoint_every": "0"}, args.ect_steps),
+        "ect": ({"train.checkpoint_every": "0", "ect.stage_steps": str(args.ect_stage_steps)}, args.ect_steps),
         "pd": (
             {
                 "pd.start_steps": "32",
@@ -227,18 +227,26 @@ def main() -> None:
     parser.add_argument("--methods", default="ect,pd,ict")
     parser.add_argument("--teacher-steps", type=int, default=3000)
     parser.add_argument("--ect-steps", type=int, default=2000)
+    parser.add_argument("--ect-stage-steps", type=int, default=400, help="steps per stage of ECT's curriculum")
     parser.add_argument("--pd-round-steps", type=int, default=400)
     parser.add_argument("--ict-steps", type=int, default=3000)
     parser.add_argument("-n", type=int, default=1000, help="samples per score (capped at the test split)")
     parser.add_argument("--reuse", action="store_true", help="keep run folders that exist")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny step counts, n = 200")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--teacher-samplers",
+        default=",".join(f"{a}:{b}" for a, b in TEACHER_SAMPLERS),
+        help="sampler:spacing pairs the teacher's best is chosen from at each NFE",
+    )
     args = parser.parse_args()
+    args.teacher_samplers = [tuple(pair.split(":")) for pair in args.teacher_samplers.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     args.methods = args.methods.split(",")
     if args.quick:
         args.teacher_steps, args.ect_steps, args.pd_round_steps, args.ict_steps, args.n = 200, 100, 20, 100, 200
+        args.ect_stage_steps = 25
     lines = []
     for name in args.datasets.split(","):
         lines += benchmark(name, args)
