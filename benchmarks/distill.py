@@ -118,8 +118,9 @@ def benchmark(name: str, args: argparse.Namespace) -> list[str]:
     train_set, test_set = load_dataset(spec), load_dataset(spec, split="test")
     extractor, accuracy = train_classifier(train_set, test_dataset=test_set, progress=False)
     n = min(args.n, len(test_set))
-    reference = extractor.features(test_set.images[:n], progress=False)
-    # A fixed random subset: IDX training files can be sorted by label (mnist-5k's is).
+    # Fixed random subsets: IDX files can be sorted by label (mnist-5k's train and test splits are).
+    test_subset = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))[:n]
+    reference = extractor.features(test_set.images[test_subset], progress=False)
     subset = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:n]
     floor = frechet_distance(extractor.features(train_set.images[subset], progress=False), reference)
     lines = [
