@@ -356,3 +356,17 @@ def test_old_run_folders_load(teacher, tmp_path):
     assert loaded.task == "denoising" and loaded.train.sample_spacing == ""
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(D(x, 1.0), load(teacher)[0](x, 1.0))
+
+
+def test_a_student_may_tune_with_dropout_but_not_another_network(teacher, tmp_path):
+    config = student_config(
+        "ect",
+        teacher=teacher,
+        out=str(tmp_path / "drop"),
+        overrides={"model.net_options": '{"base_channels": 16, "dropout": 0.2}'},
+    )
+    D, _ = load(teacher)
+    build_objective(config, D)  # dropout changes no weight: accepted
+    wider = student_config("ect", teacher=teacher, out=str(tmp_path / "wide"), overrides={"model.net_options": "{}"})
+    with pytest.raises(ValueError, match="keeps its teacher's network and data"):
+        build_objective(wider, D)

@@ -247,6 +247,12 @@ def check_teacher(run_dir: str | Path) -> tuple[Config, str]:
     return config, weights_hash(run_dir / "ema.safetensors")
 
 
+def _without_dropout(model):
+    """A model section minus its dropout: a student may tune with a dropout its teacher lacked."""
+    options = {key: value for key, value in model.net_options.items() if key != "dropout"}
+    return replace(model, net_options=options)
+
+
 def build_objective(config: Config, model: Denoiser, *, device: str | torch.device = "cpu") -> Objective:
     """The config's objective (``task``) around the model, with its teacher loaded and checked."""
     if config.task not in OBJECTIVES:
@@ -268,7 +274,7 @@ def build_objective(config: Config, model: Denoiser, *, device: str | torch.devi
                 teacher_config.data.resolution,
             ),
         )
-        if mine != theirs or teacher_config.model != config.model:
+        if mine != theirs or _without_dropout(teacher_config.model) != _without_dropout(config.model):
             raise ValueError(
                 f"the teacher {config.distill.teacher} ({teacher_config.model.net} at {theirs}) and the student "
                 f"({config.model.net} at {mine}) differ; a student keeps its teacher's network and data "
@@ -313,7 +319,9 @@ def student_config(
         )
     if teacher is not None:
         base, digest = check_teacher(teacher)
-        fixed = [key for key in overrides if key.split(".")[0] in ("data", "model") or key.startswith("diffusion.")]
+        # model.net_options may change the dropout (ECT tunes with dropout; no weight depends on it)
+        fixed = [key for key in overrides if key.split(".")[0] in ("data", "model", "diffusion")]
+        fixed = [key for key in fixed if key != "model.net_options"]
         if fixed and method != "ict":
             raise ValueError(
                 f"a student keeps its teacher's data, network and diffusion settings; drop {', '.join(fixed)}"
