@@ -108,8 +108,8 @@ def _distill(args: argparse.Namespace, extra: list[str]) -> int:
     from .run import student_config
     from .train import Interrupted, train
 
-    overrides = {field: str(getattr(args, flag)) for flag, field in [("data", "data.name"), ("net", "model.net")]}
-    overrides = {field: value for field, value in overrides.items() if value != "None"}
+    flags = [("data", "data.name"), ("net", "model.net")]
+    overrides = {field: str(value) for flag, field in flags if (value := getattr(args, flag)) is not None}
     overrides.update(_split_overrides(extra))
     config = student_config(args.method, teacher=args.run, out=args.out, steps=args.steps, overrides=overrides)
     main_process = os.environ.get("RANK", "0") == "0"

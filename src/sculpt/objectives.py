@@ -228,11 +228,6 @@ def _consistency_distance(diff: Tensor, metric: str, c: float) -> Tensor:
     return torch.sqrt(flat.pow(2).sum(1) + c * c) - c
 
 
-def _boundary_sigma(model: Denoiser) -> float:
-    """Where f(x, sigma) = x holds exactly: sigma_min for cm, sigma = 0 for eps / v / edm."""
-    return model.schedule.sigma_min if model.prediction == "cm" else 0.0
-
-
 def ect_r(t: Tensor, stage: int, *, q: float, k: float, b: float, boundary: float) -> Tensor:
     """ECT's mapping r(t) = t (1 - q^-stage n(t)), n(t) = 1 + k sigmoid(-b t); at or below the boundary, 0.
 
@@ -240,7 +235,7 @@ def ect_r(t: Tensor, stage: int, *, q: float, k: float, b: float, boundary: floa
     """
     n = 1 + k * torch.sigmoid(-b * t)
     r = t * (1 - q ** (-stage) * n)
-    return torch.where(r > max(boundary, 0.0), r, torch.zeros_like(r))
+    return torch.where(r > boundary, r, torch.zeros_like(r))
 
 
 class ConsistencyTuning(Objective):
@@ -275,7 +270,9 @@ class ConsistencyTuning(Objective):
         self.sigma_lo = max(schedule.sigma_min, 1e-4)
         # A zero-terminal-SNR schedule has sigma_max = inf: draw t below its last finite level.
         self.sigma_hi = schedule.sigma_max if math.isfinite(schedule.sigma_max) else float(schedule.sigma(0.999))
-        self.boundary = max(_boundary_sigma(model), schedule.sigma_min)
+        # f(x, sigma) = x holds exactly at sigma = 0 (eps / v / edm) and at sigma_min (cm); below the
+        # schedule's lowest level the network was never trained, so r there takes x0 as its target.
+        self.boundary = schedule.sigma_min
 
     def initial_weights(self) -> dict[str, Tensor]:
         return self.teacher.net.state_dict()
