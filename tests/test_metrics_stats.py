@@ -380,6 +380,7 @@ META = {
     "split": "train",
     "resolution": [32, 32],
     "resize": "clean-bicubic",
+    "normalisation": "(v-128)/128",
 }
 
 

@@ -560,7 +560,7 @@ def density_coverage(
 # ------------------------------------------------------------ reference-statistics cache
 
 # What decides a set of reference features: change any and the cache is stale.
-REFERENCE_META_KEYS = ("extractor", "weights_hash", "dataset", "split", "resolution", "resize")
+REFERENCE_META_KEYS = ("extractor", "weights_hash", "dataset", "split", "resolution", "resize", "normalisation")
 
 
 @dataclass(frozen=True)
@@ -589,7 +589,7 @@ def save_reference(path: str | os.PathLike, feats: Features, meta: Mapping[str, 
     """Write reference features, their mean and covariance and `meta` to an .npz file.
 
     `meta` must name every field of REFERENCE_META_KEYS (extractor, weights_hash, dataset,
-    split, resolution, resize) and may add more; `n` is filled in from `feats`. Returns the
+    split, resolution, resize, normalisation) and may add more; `n` is filled in from `feats`. Returns the
     cache key, the sha256 of the canonical JSON of the stored meta. The write is atomic,
     so an interrupted run never leaves a truncated cache behind.
     """
