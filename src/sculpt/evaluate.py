@@ -292,7 +292,7 @@ def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu", pil
     A class-conditional run is scored on each image's own label (``class_labels``), not the
     null label. The ODE starts at the tightest of a few noise levels around Δ / sqrt(12)
     (`sculpt.metrics.likelihood.choose_sigma_min`, none below the schedule's sigma_min),
-    chosen on ``pilot_n`` other images where the data has them; the record says which
+    chosen on ``pilot_n`` (at most n) other images where the data has them; the record says which
     level, what each candidate gave on the pilot, and how many images were scored.
     """
     from .data import load_dataset
@@ -306,6 +306,7 @@ def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu", pil
     except (ValueError, FileNotFoundError):
         data, split = ctx.dataset, "train"
     count = min(n, len(data.images))
+    pilot_n = min(pilot_n, count)
     conditional = bool(ctx.config.model.num_classes)
 
     def cond_for(index: slice) -> dict[str, Tensor] | None:
