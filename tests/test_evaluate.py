@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sculpt.cli import main
@@ -93,6 +94,54 @@ def test_eval_writes_a_complete_record(run_and_features, capsys):
         ]
     )
     assert json.loads((run / "again.json").read_text())["scores"]["fid"] == pytest.approx(scores["fid"], rel=1e-9)
+
+
+def test_bpd_in_eval_scores_each_image_under_its_own_label_and_records_its_n(tmp_path, run_and_features):
+    from sculpt import evaluate as ev
+    from sculpt.data import load_dataset
+    from sculpt.metrics.likelihood import point_mass_sigma
+
+    _, feat = run_and_features
+    config = override(
+        Config(),
+        {
+            "out": str(tmp_path / "cond"),
+            "model.class_cond": "true",
+            "train.steps": "2",
+            "train.batch_size": "8",
+            "train.sample_every": "0",
+            "train.num_samples": "4",
+            "train.sample_steps": "2",
+            "model.net_options": '{"base_channels": 16}',
+        },
+    )
+    run = train(config, progress=False)
+    ctx = ev.prepare(run, features=f"classifier:{feat}", progress=False)
+    assert ctx.config.model.num_classes == 10
+    seen = []
+
+    def recording(x, sigma, **cond):  # the exact denoiser of N(0, I) data, cheaper than the run's network
+        seen.append(cond.get("class_labels"))
+        return x / (1 + sigma.to(x).reshape(-1, 1, 1, 1) ** 2)
+
+    recording.schedule = ctx.denoiser.schedule
+    ctx.denoiser = recording
+    with pytest.warns(UserWarning, match="bpd with n=6 is below"):
+        record = ev.evaluate_run(ctx, metrics=["bpd"], n=160, sampler="ddim", steps=2, bpd_n=6, progress=False)
+    bpd = record["scores"]["bpd"]
+    assert record["n_bpd"] == bpd["n"] == 6 and record["n_fake"] is None  # no samples were drawn
+    assert len(record["warnings"]) == 1 and record["warnings"][0].startswith("bpd with n=6 is below the recommended")
+    assert np.isfinite(bpd["bpd"]) and bpd["split"] == "test" and bpd["labels"]
+    # Every call carried labels: the pilot's (images 6..11 of the test split), then the scored images' (0..5).
+    labels = load_dataset("digits", split="test").labels
+    assert all(value is not None for value in seen)
+    assert any(torch.equal(value.cpu(), labels[6:12]) for value in seen)
+    assert torch.equal(seen[-1].cpu(), labels[:6])
+    # The start level: the tightest on the pilot of those not below the cosine schedule's sigma_min.
+    choice = bpd["sigma_min_choice"]
+    assert choice["candidates"] == pytest.approx([ctx.denoiser.schedule.sigma_min, 4 * point_mass_sigma()])
+    assert choice["pilot_n"] == 6 and choice["pilot_disjoint"] is True
+    assert bpd["sigma_min"] == choice["candidates"][int(np.argmin(choice["pilot_bpd"]))]
 
 
 def test_sweep_table_and_plot(run_and_features, capsys):

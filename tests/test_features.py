@@ -236,6 +236,35 @@ def test_inception_errors_say_where_to_get_the_weights(tmp_path, monkeypatch, in
         load_inception(tmp_path / "broken.pth")
 
 
+def test_inception_input_is_the_tf_graphs_v_minus_128_over_128(inception_weights, digits_classifier):
+    extractor = load_inception(inception_weights[0])
+    levels = torch.arange(256, dtype=torch.float64)
+    images = (levels / 127.5 - 1).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)  # every uint8 value once
+    pixels = preprocess(images, 16, 3)
+    assert torch.equal(pixels[0, 0].flatten(), levels.float())
+    # clean-fid's and torch-fidelity's convention, from the formula: (v - 128) / 128, exactly in float32.
+    expected = ((levels - 128) / 128).float()
+    assert torch.equal(extractor.normalise(pixels)[0, 0].flatten(), expected)
+    assert extractor.normalisation == "(v-128)/128"
+    assert float(extractor.normalise(pixels).min()) == -1.0 and float(extractor.normalise(pixels).max()) == 127 / 128
+    # The domain classifier keeps its own v / 127.5 - 1.
+    classifier, _ = digits_classifier
+    assert torch.equal(classifier.normalise(pixels)[0, 0].flatten(), levels.float() / 127.5 - 1)
+    assert classifier.normalisation == "v/127.5-1"
+
+
+def test_inception_features_are_the_network_on_v_minus_128_over_128(inception_weights):
+    extractor = load_inception(inception_weights[0])
+    uint8 = torch.randint(0, 256, (2, 3, 299, 299), generator=gen(6))
+    images = uint8.double() / 127.5 - 1  # at 299: no resize, so the network sees the uint8 values
+    feats = extractor.features(images, progress=False)
+    with torch.inference_mode():
+        by_hand = extractor.network((uint8.float() - 128) / 128)[0].double().numpy()
+        pytorch_fid = extractor.network(uint8.float() / 127.5 - 1)[0].double().numpy()
+    np.testing.assert_allclose(feats, by_hand, rtol=0, atol=1e-6 * np.abs(by_hand).max())
+    assert np.abs(feats - pytorch_fid).max() > 1e-3 * np.abs(by_hand).max()  # the old convention differs
+
+
 def test_get_extractor_rejects_unknown_specs():
     for spec in ("vgg", "classifier:", "clip:ViT-B"):
         with pytest.raises(ValueError, match="valid forms"):
@@ -252,6 +281,7 @@ def test_reference_stats_are_cached_by_their_settings(tmp_path, digits, digits_c
     assert first.feats.shape == (297, 128)
     assert first.meta["weights_hash"] == extractor.weights_hash and first.meta["n"] == 297
     assert first.meta["resolution"] == 8 and first.meta["resize"] == extractor.resize
+    assert first.meta["normalisation"] == extractor.normalisation == "v/127.5-1"
     np.testing.assert_allclose(first.mu, extractor.features(images, progress=False).mean(0), atol=1e-12)
 
     def fail(*args, **kwargs):

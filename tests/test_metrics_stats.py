@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -251,6 +252,26 @@ def test_inception_score_hand_built_table():
     assert std == 0.0
 
 
+def test_inception_score_splits_like_the_original_code_when_n_is_not_divisible():
+    # N = 10 rows in 3 splits: rows [0, 3), [3, 6), [6, 10) (i * N // splits), not array_split's 4, 3, 3.
+    probs = np.array([[1.0, 0.0]] * 3 + [[0.0, 1.0]] + [[0.5, 0.5]] * 2 + [[0.9, 0.1]] * 4)
+
+    def score(part):  # by hand: exp(mean_x KL(p(y|x) || p(y)))
+        marginal = part.mean(axis=0)
+        kl = [sum(p * math.log(p / m) for p, m in zip(row, marginal, strict=True) if p > 0) for row in part]
+        return math.exp(sum(kl) / len(kl))
+
+    parts = [probs[0:3], probs[3:6], probs[6:10]]
+    expected = [score(part) for part in parts]
+    assert expected[0] == pytest.approx(1.0)  # three identical rows
+    mean, std = inception_score(probs, splits=3)
+    assert mean == pytest.approx(np.mean(expected), rel=1e-12)
+    assert std == pytest.approx(np.std(expected), rel=1e-12)
+    # array_split's parts ([0, 4), [4, 7), [7, 10)) give another number.
+    other = [score(part) for part in np.array_split(probs, 3)]
+    assert abs(np.mean(other) - mean) > 0.05
+
+
 def test_inception_score_rejects_logits():
     with pytest.raises(ValueError, match=r"sum to 1.*softmax\(logits\)"):
         inception_score(np.array([[2.0, -1.0], [0.3, 0.1]]), splits=1)
@@ -298,6 +319,51 @@ def test_precision_recall_blockwise_equals_full(monkeypatch):
     assert (precision_recall(real, fake, k=3), density_coverage(real, fake, k=5)) == full
 
 
+def _brute_force_pr_dc(real, fake, k_pr, k_dc):
+    """Every distance as a sum of squared differences, every radius by sorting, every count by <=."""
+    squared = lambda a, b: ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+    def radii(x, k):
+        within = squared(x, x)
+        np.fill_diagonal(within, np.inf)
+        return np.sort(within, axis=1)[:, k - 1]
+
+    cross = squared(fake, real)
+    precision = (cross <= radii(real, k_pr)[None, :]).any(axis=1).mean()
+    recall = (cross.T <= radii(fake, k_pr)[None, :]).any(axis=1).mean()
+    balls = cross <= radii(real, k_dc)[None, :]
+    return (float(precision), float(recall)), (float(balls.sum(axis=1).mean() / k_dc), float(balls.any(axis=0).mean()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_precision_recall_with_integer_features_counts_ties_like_brute_force(seed, monkeypatch):
+    from sculpt.metrics import stats
+
+    # Integer features far from 0: many points sit exactly on a ball's boundary, and the
+    # expansion ||x||^2 + ||y||^2 - 2 x.y rounds there (alone, centred on the mean, it gave about 0.65, not 0.688).
+    rng = np.random.default_rng(seed)
+    real = rng.integers(0, 5, (300, 8)) + 1000.3
+    fake = rng.integers(0, 6, (250, 8)) + 1000.3
+    pr, dc = _brute_force_pr_dc(real, fake, 3, 5)
+    assert precision_recall(real, fake, k=3) == pr
+    assert density_coverage(real, fake, k=5) == dc
+    if seed == 0:
+        assert pr == (0.688, pytest.approx(299 / 300))
+        monkeypatch.setattr(stats, "_DISTANCE_BLOCK_BYTES", 16 * 300 * 7)  # 7-row blocks: the same counts
+        assert precision_recall(real, fake, k=3) == pr and density_coverage(real, fake, k=5) == dc
+
+
+def test_precision_recall_with_duplicates_and_float_features_matches_brute_force():
+    rng = np.random.default_rng(4)
+    real = rng.standard_normal((120, 16)) * 3 + 50
+    fake = np.concatenate([real[:40], rng.standard_normal((60, 16)) * 3 + 50.5])  # 40 exact copies
+    real = np.concatenate([real, real[:10]])  # and duplicates within the real set (radius 0 for k = 1)
+    for k in (1, 3):
+        pr, dc = _brute_force_pr_dc(real, fake, k, k)
+        assert precision_recall(real, fake, k=k) == pr
+        assert density_coverage(real, fake, k=k) == dc
+
+
 def test_precision_recall_bad_k():
     x = np.zeros((5, 2)) + np.arange(5)[:, None]
     with pytest.raises(ValueError, match="k must be between 1 and .* \\(4\\)"):
@@ -314,6 +380,7 @@ META = {
     "split": "train",
     "resolution": [32, 32],
     "resize": "clean-bicubic",
+    "normalisation": "(v-128)/128",
 }
 
 

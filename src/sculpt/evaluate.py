@@ -185,9 +185,16 @@ def _record(
     spacing: str | None = None,
 ) -> dict[str, Any]:
     config = ctx.config
+    image_metrics = [m for m in metrics if m != "bpd"]
+    bpd_n = scores["bpd"]["n"] if "bpd" in scores else None
+    # Each metric is warned about at the count it was computed on: bpd scores its own held-out images.
+    count_warnings = sample_count_warnings(image_metrics, n) + (
+        sample_count_warnings(["bpd"], bpd_n) if bpd_n is not None else []
+    )
     return {
         "scores": scores,
-        "n_fake": n,
+        "n_fake": n if image_metrics else None,
+        "n_bpd": bpd_n,
         "n_real": int(ctx.reference.feats.shape[0]),
         "seed": seed,
         "sampler": sampler,
@@ -209,8 +216,9 @@ def _record(
         "extractor": ctx.extractor.name,
         "extractor_weights_sha256": ctx.extractor.weights_hash,
         "resize": ctx.extractor.resize,
+        "normalisation": ctx.extractor.normalisation,
         "metrics": metrics,
-        "warnings": sample_count_warnings(metrics, n),
+        "warnings": count_warnings,
         "seconds": round(seconds, 2),
         "versions": versions(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -278,10 +286,17 @@ def evaluate_run(
     )
 
 
-def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu") -> dict[str, Any]:
-    """Bits/dim of held-out data (test split, else train) by the probability-flow ODE."""
+def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu", pilot_n: int = 32) -> dict[str, Any]:
+    """Bits/dim of n held-out images (test split, else train) by the probability-flow ODE.
+
+    A class-conditional run is scored on each image's own label (``class_labels``), not the
+    null label. The ODE starts at the tightest of a few noise levels around Δ / sqrt(12)
+    (`sculpt.metrics.likelihood.choose_sigma_min`, none below the schedule's sigma_min),
+    chosen on ``pilot_n`` (at most n) other images where the data has them; the record says which
+    level, what each candidate gave on the pilot, and how many images were scored.
+    """
     from .data import load_dataset
-    from .metrics.likelihood import bpd_ode
+    from .metrics.likelihood import SIGMA_MIN_FACTORS, bpd_ode, choose_sigma_min, point_mass_sigma
 
     try:
         data = load_dataset(
@@ -290,27 +305,53 @@ def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu") -> 
         split = "test"
     except (ValueError, FileNotFoundError):
         data, split = ctx.dataset, "train"
-    images = data.images[:n].to(device)
+    count = min(n, len(data.images))
+    pilot_n = min(pilot_n, count)
+    conditional = bool(ctx.config.model.num_classes)
+
+    def cond_for(index: slice) -> dict[str, Tensor] | None:
+        return {"class_labels": data.labels[index].to(device)} if conditional else None
+
     schedule = ctx.denoiser.schedule
-    sigma_max = min(schedule.sigma_max, 200.0)
+    sigma_max = min(schedule.sigma_max, 200.0)  # finite for zero-terminal-SNR schedules too
+    options = {"solver": "rk4", "steps": 48, "probes": 1}
+    candidates = sorted({max(f * point_mass_sigma(), schedule.sigma_min) for f in SIGMA_MIN_FACTORS})
+    choice_record: dict[str, Any] = {"candidates": candidates, "pilot_bpd": None, "pilot_n": 0}
+    sigma_min = candidates[0]
+    if len(candidates) > 1:
+        # The pilot images follow the scored ones; a set too small for both reuses the first images.
+        disjoint = len(data.images) >= count + pilot_n
+        pilot = slice(count, count + pilot_n) if disjoint else slice(0, min(pilot_n, len(data.images)))
+        choice = choose_sigma_min(
+            ctx.denoiser,
+            data.images[pilot].to(device),
+            sigma_max=sigma_max,
+            candidates=candidates,
+            seed=seed + 1,
+            cond=cond_for(pilot),
+            **options,
+        )
+        sigma_min = choice.sigma_min
+        choice_record = {**choice.as_record(), "pilot_disjoint": disjoint}
     result = bpd_ode(
         ctx.denoiser,
-        images,
-        sigma_min=max(schedule.sigma_min, 1e-3),
+        data.images[:count].to(device),
+        sigma_min=sigma_min,
         sigma_max=sigma_max,
-        solver="rk4",
-        steps=48,
-        probes=1,
         generator=torch.Generator().manual_seed(seed),
+        cond=cond_for(slice(0, count)),
+        **options,
     )
     return {
         "bpd": result.bpd,
         "stderr": result.bpd_stderr,
-        "n": len(images),
+        "n": count,
         "split": split,
+        "labels": "the images' own (class-conditional run)" if conditional else None,
         "nfe": result.nfe,
         "method": "probability-flow ODE, rk4 48 steps in log sigma, 1 Rademacher probe, uniform dequantisation",
-        "sigma_min": max(schedule.sigma_min, 1e-3),
+        "sigma_min": sigma_min,
+        "sigma_min_choice": choice_record,
         "sigma_max": sigma_max,
     }
 
@@ -445,6 +486,7 @@ def evaluate_sets(
         "extractor": extractor.name,
         "extractor_weights_sha256": extractor.weights_hash,
         "resize": extractor.resize,
+        "normalisation": extractor.normalisation,
         "metrics": metrics,
         "warnings": sample_count_warnings(metrics, len(fake_images)),
         "seconds": round(time.perf_counter() - started, 2),

@@ -18,8 +18,11 @@ never on how they reached the extractor:
    No re-quantisation after resizing. Non-square images are stretched to the square.
 3. **Channels**: grey -> RGB by repetition (Inception); RGB -> grey by ITU-R 601 luma
    (0.299, 0.587, 0.114, as Pillow's ``convert("L")``) for a greyscale classifier.
-4. **Normalise** to the network's range: both extractors here take ``v / 127.5 - 1``,
-   which for Inception is pytorch-fid's ``2 * (v / 255) - 1``.
+4. **Normalise** to the network's range, each extractor its own way (``normalise``,
+   recorded as ``normalisation`` with every reference cache and evaluation record): the
+   FID Inception takes ``(v - 128) / 128``, the TensorFlow graph's own first step, which
+   clean-fid and torch-fidelity feed it too (pytorch-fid's ``2 * (v / 255) - 1`` is off
+   by half a level and a factor 128 / 127.5); the domain classifier ``v / 127.5 - 1``.
 
 Extractors run in eval mode under `torch.inference_mode`, in batches, and contain no
 layer that mixes samples (no BatchNorm in training mode), so the batch size never
@@ -76,7 +79,7 @@ def preprocess(images: Tensor, size: int, channels: int) -> Tensor:
 
 
 def _normalise(pixels: Tensor) -> Tensor:
-    """Step 4 for both extractors: 0..255 -> [-1, 1] (pytorch-fid's 2 * v / 255 - 1)."""
+    """Step 4 by default (the domain classifier's): 0..255 -> [-1, 1] as v / 127.5 - 1."""
     return pixels / 127.5 - 1.0
 
 
@@ -110,7 +113,9 @@ class FeatureExtractor(nn.Module):
     Subclasses set ``name``, ``input_size``, ``input_channels``, ``feature_dim``,
     ``num_classes`` (0 when there are none) and ``weights_hash``, and implement
     ``forward(x) -> (features [N, D], logits [N, classes] or None)`` on normalised input
-    [N, input_channels, input_size, input_size] in [-1, 1].
+    [N, input_channels, input_size, input_size] in [-1, 1]. ``normalise`` maps the
+    preprocessed 0..255 values to that input (``v / 127.5 - 1`` unless a subclass says
+    otherwise) and ``normalisation`` describes it for the records.
     """
 
     name: str = "extractor"
@@ -119,6 +124,11 @@ class FeatureExtractor(nn.Module):
     feature_dim: int
     num_classes: int = 0
     weights_hash: str = ""
+    normalisation: str = "v/127.5-1"
+
+    def normalise(self, pixels: Tensor) -> Tensor:
+        """Step 4 of the pipeline: preprocessed values 0..255 -> the network's input."""
+        return _normalise(pixels)
 
     @property
     def resize(self) -> str:
@@ -161,7 +171,7 @@ class FeatureExtractor(nn.Module):
             with torch.inference_mode():
                 for start in tqdm(starts, desc=f"{self.name} features", disable=not show, leave=False):
                     pixels = preprocess(images[start : start + batch_size], self.input_size, self.input_channels)
-                    feats, logits = self(_normalise(pixels).to(self.device))
+                    feats, logits = self(self.normalise(pixels).to(self.device))
                     if features:
                         feats_out.append(feats.double().cpu())
                     if probs:

@@ -31,7 +31,6 @@ from sculpt.checkpoint import state_dict_mismatches
 from sculpt.data import ImageDataset
 from sculpt.metrics.extractor import (
     FeatureExtractor,
-    _normalise,
     file_hash,
     preprocess,
     resize_description,
@@ -246,7 +245,7 @@ def train_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         extractor = ClassifierExtractor(config).to(device)
-    inputs = _normalise(preprocess(dataset.images, resolution, config["in_channels"])).to(device)
+    inputs = extractor.normalise(preprocess(dataset.images, resolution, config["in_channels"])).to(device)
     labels = dataset.labels.to(device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(extractor.parameters(), lr=lr, weight_decay=weight_decay)
@@ -305,6 +304,7 @@ def reference_meta(extractor: FeatureExtractor, *, dataset: str, split: str, res
         "split": split,
         "resolution": int(resolution),
         "resize": extractor.resize,
+        "normalisation": extractor.normalisation,
     }
     assert set(meta) == set(REFERENCE_META_KEYS), "reference_meta is out of step with REFERENCE_META_KEYS"
     return meta
@@ -323,7 +323,7 @@ def reference_stats(
     """Reference features and moments of ``images``, cached in ``cache_dir``.
 
     The cache file is named by the sha256 of the metadata (extractor, weights hash,
-    dataset, split, resolution = the images' height, resize method, n), so any change in
+    dataset, split, resolution = the images' height, resize method, normalisation, n), so any change in
     those computes a new file and never reuses a stale one. ``dataset`` is a name for the
     data (e.g. ``ImageDataset.name``); use one that does not depend on where the files lie.
     """

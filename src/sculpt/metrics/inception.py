@@ -17,10 +17,12 @@ multiplies pool3 by the weight of ``softmax/logits/MatMul``) and torch-fidelity'
 Weights: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (a state dict with keys
 such as ``Conv2d_1a_3x3.conv.weight`` and ``fc.weight`` [1008, 2048]). Nothing downloads:
 give the path, or set ``SCULPT_INCEPTION_WEIGHTS``. Input: the preprocessing of
-`sculpt.metrics.extractor` at 299x299, then ``v / 127.5 - 1`` (pytorch-fid's ``2 x - 1``
-on x = v / 255). Note pytorch-fid itself resizes with bilinear interpolation without
-antialiasing; sculpt uses the clean-fid resize, so its FIDs match clean-fid's protocol
-(not pytorch-fid's) at resolutions other than 299.
+`sculpt.metrics.extractor` at 299x299, then ``(v - 128) / 128`` for uint8 values v: the
+TensorFlow graph's own first operations (``Sub 128``, ``Mul 1/128``), which clean-fid
+(its TorchScript port of the graph takes 0..255) and torch-fidelity (``(x - 128) / 128``)
+feed it. pytorch-fid normalises ``2 * v / 255 - 1`` instead, and resizes with bilinear
+interpolation without antialiasing; sculpt follows clean-fid's protocol (its "clean"
+bicubic resize and the graph's normalisation), not pytorch-fid's.
 """
 
 from __future__ import annotations
@@ -227,12 +229,17 @@ class InceptionExtractor(FeatureExtractor):
     input_channels = 3
     feature_dim = 2048
     num_classes = 1008
+    normalisation = "(v-128)/128"
 
     def __init__(self, network: FIDInceptionV3, weights_hash: str, path: str | None = None) -> None:
         super().__init__()
         self.network = network
         self.weights_hash = weights_hash
         self.path = path
+
+    def normalise(self, pixels: Tensor) -> Tensor:
+        """The TF graph's (and clean-fid's, torch-fidelity's) input scaling: (v - 128) / 128, exact in float32."""
+        return (pixels - 128.0) / 128.0
 
     @property
     def standard_weights(self) -> bool:

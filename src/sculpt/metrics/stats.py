@@ -379,7 +379,9 @@ def inception_score(probs: Features, splits: int = 10) -> tuple[float, float]:
     """Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) per split.
 
     `probs` holds class probabilities p(y|x), one row per sample (softmax outputs, not
-    logits). The rows are cut into `splits` contiguous, near-equal parts (np.array_split);
+    logits). The rows are cut into `splits` contiguous parts, part i holding rows
+    i * N // splits to (i + 1) * N // splits - 1, as in the original code (and
+    torch-fidelity's), so that when N is not divisible the longer parts come last;
     returns the mean and standard deviation of the score over the parts.
     """
     p = _as_matrix(probs, "probs")
@@ -396,7 +398,8 @@ def inception_score(probs: Features, splits: int = 10) -> tuple[float, float]:
             "Pass softmax(logits), not logits."
         )
     scores = []
-    for part in np.array_split(p, splits):
+    for i in range(splits):
+        part = p[i * n // splits : (i + 1) * n // splits]
         marginal = part.mean(axis=0)
         # 0 * log 0 = 0: a class with p(y|x) = 0 adds nothing to the KL divergence.
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -408,37 +411,96 @@ def inception_score(probs: Features, splits: int = 10) -> tuple[float, float]:
 # ------------------------------------------------- precision / recall, density / coverage
 
 
+# Round-off of the expansion ||x||^2 + ||y||^2 - 2 x.y (and of the exact form it is checked
+# against) is below this many units of float64 round-off per feature, times ||x||^2 + ||y||^2.
+_EXPANSION_ERROR_ULPS = 8
+
+
 def _squared_distance_blocks(
     x: np.ndarray, y: np.ndarray
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (start, squared distances from x[start:start + rows] to all of y) by blocks."""
-    # Centring on y's mean leaves distances unchanged but shrinks the norms, and so the
-    # cancellation in ||x||^2 + ||y||^2 - 2 x.y.
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (start, approximate squared distances, a bound on their error per row) from x[start:start + rows] to y.
+
+    The distances come from the expansion ||x||^2 + ||y||^2 - 2 x.y on features centred on
+    y's mean (which shrinks the norms, and so the cancellation); the bound of row i,
+    (8 d + 32) eps (||x_i||^2 + max_j ||y_j||^2), holds each of its distances to within
+    that of `_exact_squared_distances`, so that decisions near a threshold can be settled
+    exactly.
+    """
     center = y.mean(axis=0)
     x = x - center
     y = y - center
     y_sq = np.einsum("ij,ij->i", y, y)
+    ulps = (_EXPANSION_ERROR_ULPS * x.shape[1] + 32) * np.finfo(np.float64).eps
     rows = max(1, _DISTANCE_BLOCK_BYTES // (8 * y.shape[0]))
     for start in range(0, x.shape[0], rows):
         block = x[start : start + rows]
         block_sq = np.einsum("ij,ij->i", block, block)
-        squared = block_sq[:, None] + y_sq[None, :] - 2.0 * (block @ y.T)
-        yield start, np.maximum(squared, 0.0)
+        squared = block @ y.T
+        squared *= -2.0
+        squared += block_sq[:, None]
+        squared += y_sq[None, :]
+        yield start, squared, ulps * (block_sq + y_sq.max())
+
+
+def _exact_squared_distances(x: np.ndarray, y: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """sum_f (x[rows, f] - y[cols, f])^2 pair by pair, on the features as given (no centring).
+
+    Differences of the original values: exact for integer features (and exactly 0 for a
+    duplicate), and the same rounding wherever the same two rows meet, so a tie is a tie.
+    """
+    out = np.empty(rows.size)
+    chunk = max(1, _DISTANCE_BLOCK_BYTES // (8 * x.shape[1]))
+    for start in range(0, rows.size, chunk):
+        pick = slice(start, start + chunk)
+        difference = x[rows[pick]] - y[cols[pick]]
+        out[pick] = np.einsum("ij,ij->i", difference, difference)
+    return out
 
 
 def _knn_squared_radii(x: np.ndarray, k: int, name: str) -> np.ndarray:
-    """Squared distance from each row of x to its k-th nearest neighbour in x, self excluded."""
+    """Squared distance from each row of x to its k-th nearest neighbour in x, self excluded.
+
+    Exact (as `_exact_squared_distances`): the expansion finds every neighbour that can be
+    within the k-th distance, and those few are measured exactly.
+    """
     if not 1 <= k < x.shape[0]:
         raise ValueError(
             f"k must be between 1 and the number of samples minus one ({x.shape[0] - 1}) "
             f"for {name}; got k={k}."
         )
     radii = np.empty(x.shape[0])
-    for start, squared in _squared_distance_blocks(x, x):
+    for start, squared, bound in _squared_distance_blocks(x, x):
         rows = np.arange(squared.shape[0])
-        squared[rows, start + rows] = np.inf  # exclude self, even if round-off makes it > 0
-        radii[start : start + rows.size] = np.partition(squared, k - 1, axis=1)[:, k - 1]
+        squared[rows, start + rows] = np.inf  # exclude self
+        kth = np.partition(squared, k - 1, axis=1)[:, k - 1]
+        # With |error| <= B (the row's bound), every neighbour whose exact distance is at
+        # most the exact k-th has an approximate one at most kth + 2 B.
+        reach = kth + 2.0 * bound
+        candidate_rows, candidate_cols = np.nonzero(squared <= reach[:, None])
+        exact = _exact_squared_distances(x, x, start + candidate_rows, candidate_cols)
+        order = np.lexsort((exact, candidate_rows))  # by row, then by distance
+        first = np.searchsorted(candidate_rows[order], rows)  # each row's first candidate
+        radii[start + rows] = exact[order][first + k - 1]
     return radii
+
+
+def _inside_pairs(x: np.ndarray, y: np.ndarray, radii_y: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield, block by block, the pairs (i, j) with ||x[i] - y[j]||^2 <= radii_y[j] (ties included).
+
+    Pairs farther from a ball's boundary than the expansion's error bound are decided by the
+    expansion; the rest are measured exactly. Each ball holds few points, so pairs are kept
+    as index arrays rather than as a dense boolean matrix.
+    """
+    for start, squared, bound in _squared_distance_blocks(x, y):
+        rows, cols = np.nonzero(squared <= radii_y[None, :] + bound[:, None])
+        unsure = squared[rows, cols] > radii_y[cols] - bound[rows]
+        if unsure.any():
+            exact = _exact_squared_distances(x, y, start + rows[unsure], cols[unsure])
+            keep = np.ones(rows.size, dtype=bool)
+            keep[np.flatnonzero(unsure)] = exact <= radii_y[cols[unsure]]
+            rows, cols = rows[keep], cols[keep]
+        yield start + rows, cols
 
 
 def _prepare_pair(feats_real: Features, feats_fake: Features) -> tuple[np.ndarray, np.ndarray]:
@@ -457,17 +519,20 @@ def precision_recall(
     distance to the sample's k-th nearest neighbour in the same set (self excluded).
     Precision is the fraction of fake samples inside the real manifold, recall the
     fraction of real samples inside the fake manifold. A point on a ball's boundary is
-    inside, as in the authors' code.
+    inside, as in the authors' code (distance <= radius), and ties are decided exactly: the
+    fast expansion of the distances is checked against the direct sum of squared
+    differences wherever round-off could flip a comparison, so integer or duplicated
+    features count exactly as a brute-force count does.
     """
     real, fake = _prepare_pair(feats_real, feats_fake)
     real_radii = _knn_squared_radii(real, k, "feats_real")
     fake_radii = _knn_squared_radii(fake, k, "feats_fake")
-    fake_inside = np.empty(fake.shape[0], dtype=bool)
-    for start, squared in _squared_distance_blocks(fake, real):
-        fake_inside[start : start + squared.shape[0]] = (squared <= real_radii).any(axis=1)
-    real_inside = np.empty(real.shape[0], dtype=bool)
-    for start, squared in _squared_distance_blocks(real, fake):
-        real_inside[start : start + squared.shape[0]] = (squared <= fake_radii).any(axis=1)
+    fake_inside = np.zeros(fake.shape[0], dtype=bool)
+    for rows, _ in _inside_pairs(fake, real, real_radii):
+        fake_inside[rows] = True
+    real_inside = np.zeros(real.shape[0], dtype=bool)
+    for rows, _ in _inside_pairs(real, fake, fake_radii):
+        real_inside[rows] = True
     return float(fake_inside.mean()), float(real_inside.mean())
 
 
@@ -479,24 +544,23 @@ def density_coverage(
     With balls of k-NN radius around the real samples only: density is the mean number of
     real balls holding each fake sample, divided by k (1 in expectation for matching
     distributions, unbounded above); coverage is the fraction of real balls holding at
-    least one fake sample. Boundary points count as inside, as in `precision_recall`.
+    least one fake sample. Boundary points count as inside, ties decided exactly, as in
+    `precision_recall`.
     """
     real, fake = _prepare_pair(feats_real, feats_fake)
     real_radii = _knn_squared_radii(real, k, "feats_real")
-    balls_per_fake = np.empty(fake.shape[0])
-    for start, squared in _squared_distance_blocks(fake, real):
-        balls_per_fake[start : start + squared.shape[0]] = (squared <= real_radii).sum(axis=1)
-    covered = np.empty(real.shape[0], dtype=bool)
-    for start, squared in _squared_distance_blocks(real, fake):
-        rows = slice(start, start + squared.shape[0])
-        covered[rows] = squared.min(axis=1) <= real_radii[rows]
-    return float(balls_per_fake.mean() / k), float(covered.mean())
+    pairs = 0
+    covered = np.zeros(real.shape[0], dtype=bool)
+    for rows, cols in _inside_pairs(fake, real, real_radii):
+        pairs += rows.size  # (fake, real ball) pairs: the fakes' ball counts summed
+        covered[cols] = True
+    return float(pairs / fake.shape[0] / k), float(covered.mean())
 
 
 # ------------------------------------------------------------ reference-statistics cache
 
 # What decides a set of reference features: change any and the cache is stale.
-REFERENCE_META_KEYS = ("extractor", "weights_hash", "dataset", "split", "resolution", "resize")
+REFERENCE_META_KEYS = ("extractor", "weights_hash", "dataset", "split", "resolution", "resize", "normalisation")
 
 
 @dataclass(frozen=True)
@@ -525,7 +589,7 @@ def save_reference(path: str | os.PathLike, feats: Features, meta: Mapping[str, 
     """Write reference features, their mean and covariance and `meta` to an .npz file.
 
     `meta` must name every field of REFERENCE_META_KEYS (extractor, weights_hash, dataset,
-    split, resolution, resize) and may add more; `n` is filled in from `feats`. Returns the
+    split, resolution, resize, normalisation) and may add more; `n` is filled in from `feats`. Returns the
     cache key, the sha256 of the canonical JSON of the stored meta. The write is atomic,
     so an interrupted run never leaves a truncated cache behind.
     """
