@@ -200,6 +200,8 @@ def _record(
         "teacher": config.distill.teacher or None,
         "teacher_sha256": config.distill.teacher_sha256 or None,
         "student_steps": config.train.sample_steps if config.task != "denoising" else None,
+        "autoencoder": config.latent.autoencoder or None,  # a latent run's samples are decoded by it
+        "autoencoder_sha256": config.latent.sha256 or None,
         "run": str(ctx.run_dir),
         "checkpoint": "ema.safetensors",
         "checkpoint_sha256": ctx.checkpoint_hash,
@@ -283,6 +285,11 @@ def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu") -> 
     from .data import load_dataset
     from .metrics.likelihood import bpd_ode
 
+    if ctx.config.latent.autoencoder:
+        raise ValueError(
+            "bpd of a latent run would measure its latents, not pixels (the decoder has no density); "
+            "score it with fid, kid, is or pr"
+        )
     try:
         data = load_dataset(
             ctx.config.data.name, resolution=ctx.config.data.resolution, channels=ctx.config.data.channels, split="test"

@@ -546,7 +546,8 @@ class AutoencoderTraining(Objective):
     latents; here both sums are divided by the number of pixel values, which keeps LDM's
     ratio (its kl_weight 1e-6 means the same) and a loss near 1 for the loop's clipping.
     From ``disc_start`` on, a PatchGAN discriminator (hinge loss, its own Adam, one step
-    per micro-batch on the detached reconstructions) adds -D(x_hat) to the loss, weighted
+    per micro-batch on the detached reconstructions, before the generator's term) adds
+    -D(x_hat) to the loss, weighted
     by ``disc_weight`` times LDM's adaptive weight |grad nll| / |grad g| at the decoder's
     last layer. The discriminator and its optimizer are checkpointed, so a resume is exact.
     """
@@ -576,7 +577,7 @@ class AutoencoderTraining(Objective):
             self.perceptual = extractor.net.requires_grad_(False).eval()
         self.discriminator = self.disc_optimizer = None
         if a.disc_weight > 0:
-            self.discriminator = PatchDiscriminator(d.channels, a.disc_channels, a.disc_layers)
+            self.discriminator = PatchDiscriminator(d.channels, a.disc_channels, a.disc_layers, d.resolution)
             self.disc_optimizer = torch.optim.Adam(
                 self.discriminator.parameters(), lr=a.disc_lr or config.train.lr, betas=(0.5, 0.9)
             )
@@ -643,8 +644,16 @@ class AutoencoderTraining(Objective):
         return loss
 
     def _adversarial(self, x: Tensor, recon: Tensor, nll: Tensor) -> Tensor:
-        """The generator's hinge term with LDM's adaptive weight; then one discriminator step."""
+        """One discriminator step on this batch, then the generator's hinge term with LDM's adaptive weight."""
         a = self.config.autoencoder
+        with torch.autocast(x.device.type, enabled=False):
+            real = self.discriminator(x.detach().float())
+            fake = self.discriminator(recon.detach().float())
+            d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+        if torch.is_grad_enabled():
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.disc_optimizer.step()
         self.discriminator.requires_grad_(False)  # the generator's term moves the decoder, not the critic
         g_loss = -self.discriminator(recon.float()).flatten(1).mean(1)
         self.discriminator.requires_grad_(True)
@@ -654,13 +663,6 @@ class AutoencoderTraining(Objective):
             weight = (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach() * a.disc_weight
         else:
             weight = torch.tensor(a.disc_weight, device=x.device)
-        with torch.autocast(x.device.type, enabled=False):
-            real = self.discriminator(x.detach().float())
-            fake = self.discriminator(recon.detach().float())
-            d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
-        self.disc_optimizer.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.disc_optimizer.step()
         self._last = {"d_loss": d_loss.detach(), "d_weight": weight}
         return weight * g_loss
 

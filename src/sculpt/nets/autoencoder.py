@@ -194,8 +194,14 @@ class PatchDiscriminator(nn.Module):
     conv4x4 to one channel. LDM's init: N(0, 0.02) weights.
     """
 
-    def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3) -> None:
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3, resolution: int = 0) -> None:
         super().__init__()
+        if resolution and self.output_size(resolution, num_layers) < 1:
+            deepest = max((n for n in range(1, 8) if self.output_size(resolution, n) >= 1), default=0)
+            raise ValueError(
+                f"a patch discriminator of {num_layers} layers does not fit {resolution}x{resolution} images; "
+                f"use at most {deepest} (autoencoder.disc_layers)"
+            )
         layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         width = base_channels
         for index in range(1, num_layers + 1):
@@ -208,6 +214,13 @@ class PatchDiscriminator(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, 0.0, 0.02)
+
+    @staticmethod
+    def output_size(size: int, num_layers: int) -> int:
+        """Side of the logit map for size x size images (< 1: the image is too small)."""
+        for _ in range(num_layers):  # conv4x4 stride 2 padding 1 halves
+            size = size // 2
+        return size - 2  # the stride-1 conv4x4 and the final conv4x4 take one off each
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)  # (B, 1, h, w) logits
