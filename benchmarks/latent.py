@@ -221,9 +221,11 @@ def main() -> None:
     test = load_dataset(SPEC, resolution=args.res, split="test")
     train_set = load_dataset(SPEC, resolution=args.res)
     n = min(args.n, len(test))
-    real = test.images[:n]
+    pick = torch.Generator().manual_seed(0)  # the IDX files are sorted by class: random subsets, never the first n
+    real = test.images[torch.randperm(len(test), generator=pick)[:n]]
     real_feats = features(extractor, real)
-    floor = frechet_distance(features(extractor, train_set.images[:n]), real_feats)
+    others = train_set.images[torch.randperm(len(train_set), generator=pick)[:n]]
+    floor = frechet_distance(features(extractor, others), real_feats)
 
     # 1. autoencoders
     runs, recon_fd = {}, {}
