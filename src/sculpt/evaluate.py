@@ -241,6 +241,8 @@ def evaluate_run(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
+    if "bpd" in metrics:
+        _refuse_latent_bpd(ctx)  # before minutes of sampling
     started = time.perf_counter()
     image_metrics = [m for m in metrics if m != "bpd"]
     shape = (ctx.config.data.channels, ctx.config.data.resolution, ctx.config.data.resolution)
@@ -280,16 +282,20 @@ def evaluate_run(
     )
 
 
-def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu") -> dict[str, Any]:
-    """Bits/dim of held-out data (test split, else train) by the probability-flow ODE."""
-    from .data import load_dataset
-    from .metrics.likelihood import bpd_ode
-
+def _refuse_latent_bpd(ctx: RunContext) -> None:
     if ctx.config.latent.autoencoder:
         raise ValueError(
             "bpd of a latent run would measure its latents, not pixels (the decoder has no density); "
             "score it with fid, kid, is or pr"
         )
+
+
+def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu") -> dict[str, Any]:
+    """Bits/dim of held-out data (test split, else train) by the probability-flow ODE."""
+    from .data import load_dataset
+    from .metrics.likelihood import bpd_ode
+
+    _refuse_latent_bpd(ctx)
     try:
         data = load_dataset(
             ctx.config.data.name, resolution=ctx.config.data.resolution, channels=ctx.config.data.channels, split="test"

@@ -576,6 +576,11 @@ class AutoencoderTraining(Objective):
             self.perceptual_size, self.perceptual_channels = extractor.input_size, extractor.input_channels
             self.perceptual = extractor.net.requires_grad_(False).eval()
         self.discriminator = self.disc_optimizer = None
+        if a.disc_weight > 0 and config.train.world_size > 1:
+            raise ValueError(
+                "the patch discriminator trains in one process (its optimizer steps inside the loss, outside "
+                "data-parallel averaging); train an autoencoder with autoencoder.disc_weight > 0 on one process"
+            )
         if a.disc_weight > 0:
             self.discriminator = PatchDiscriminator(d.channels, a.disc_channels, a.disc_layers, d.resolution)
             self.disc_optimizer = torch.optim.Adam(

@@ -10,6 +10,8 @@ A run folder holds everything needed to rebuild and continue the run:
     log.jsonl                   one line per log interval: loss, lr, grad_norm, img/s
     samples/step_NNNNNN.png     EMA samples from fixed noise; samples/final.png at the end
     loss.png                    the loss curve
+    latent_scale.json           an autoencoder run: its latent scale, measured with ema.safetensors
+    latents/                    a latent run: the dataset encoded by its autoencoder (sculpt.latent)
 
 Checkpoints are written to a temporary folder and renamed into place, so a crash or a
 kill mid-write leaves the previous checkpoint intact. Nothing here knows the training
