@@ -80,11 +80,14 @@ def _resolved_config(args: argparse.Namespace, extra: list[str]):
         ("steps", "train.steps"),
         ("out", "out"),
         ("task", "task"),
+        ("latent", "latent.autoencoder"),
     ]:
         value = getattr(args, flag, None)
         if value is not None:
             assignments[field] = str(value)
     assignments.update(_split_overrides(extra))
+    if assignments.get("task") == "autoencoder":  # an autoencoder run's default network is an autoencoder
+        assignments.setdefault("model.net", "ae-f4")
     return override(Config(), assignments)
 
 
@@ -100,7 +103,10 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"sculpt train: {stopped}", file=sys.stderr)
         return 130
     if main_process:
-        print(f"wrote {run_dir}: samples/final.png, loss.png, ema.safetensors")
+        if config.task == "autoencoder":
+            print(f"wrote {run_dir}: samples/final.png (input | reconstruction), latent_scale.json, ema.safetensors")
+        else:
+            print(f"wrote {run_dir}: samples/final.png, loss.png, ema.safetensors")
     return 0
 
 
@@ -140,13 +146,20 @@ def _config(args: argparse.Namespace, extra: list[str]) -> int:
 def _nets(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
-    from .nets import NETS
+    from .nets import AUTOENCODERS, NETS
 
     print(f"{'preset':<18s} {'parameters':>14s}   (at {args.channels}x{args.res}x{args.res}, unconditional)")
     for name, factory in NETS.items():
         with torch.device("meta"):
             net = factory(in_channels=args.channels, resolution=args.res)
         print(f"{name:<18s} {sum(p.numel() for p in net.parameters()):>14,d}")
+    print(f"\n{'autoencoder':<18s} {'parameters':>14s}   factor  latent (sculpt train --task autoencoder --net NAME)")
+    for name, factory in AUTOENCODERS.items():
+        with torch.device("meta"):
+            net = factory(in_channels=args.channels, resolution=64)  # the weights do not depend on the size
+        side = args.res // net.factor
+        latent = f"{net.latent_channels}x{side}x{side}" if args.res % net.factor == 0 else "(size not divisible)"
+        print(f"{name:<18s} {sum(p.numel() for p in net.parameters()):>14,d}   {net.factor:>6d}  {latent}")
     return 0
 
 
@@ -207,8 +220,11 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         shown = min(args.n, args.batch_size, 4)  # the trajectory follows the first batch
         # x is shown in its variance-preserving scale x / sqrt(1 + sigma^2), so noise and image
         # share one colour range; x0_hat is the denoiser's estimate at the start of the step.
-        states = [(info.x[:shown] / math.sqrt(1 + info.sigma_next**2)).float().cpu() for info in recorded]
-        estimates = [info.x0_hat[:shown].float().cpu() for info in recorded]
+        # A latent run's states and estimates are latents: both are shown decoded.
+        codec = getattr(denoiser, "codec", None)
+        pixels = codec.decode if codec is not None else (lambda z: z)
+        states = [pixels(info.x[:shown] / math.sqrt(1 + info.sigma_next**2)).float().cpu() for info in recorded]
+        estimates = [pixels(info.x0_hat[:shown]).float().cpu() for info in recorded]
         rows = [torch.stack([state[j] for state in states]).clamp(-1, 1) for j in range(shown)]
         rows += [torch.stack([estimate[j] for estimate in estimates]).clamp(-1, 1) for j in range(shown)]
         labels = [f"x #{j}" for j in range(shown)] + [f"x0_hat #{j}" for j in range(shown)]
@@ -327,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument(
         "--task", default=None, choices=list(OBJECTIVES), help="the objective (default denoising; see sculpt distill)"
+    )
+    train.add_argument(
+        "--latent",
+        default=None,
+        metavar="AE",
+        help="diffuse in the latent space of an autoencoder run folder (--task autoencoder) or diffusers:PATH",
     )
     train.set_defaults(handler=_train)
 

@@ -119,16 +119,46 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class AutoencoderConfig:
+    """Training the autoencoder of latent diffusion (``--task autoencoder``; Rombach et al. 2022)."""
+
+    reconstruction: str = "l1"  #: l1 | l2, per pixel
+    kl_weight: float = 1e-6  #: on the KL to N(0, I), LDM's 1e-6 (both terms are LDM's sums / pixel values)
+    perceptual_weight: float = 0.0  #: feature distance of a domain classifier (0: off)
+    perceptual_features: str = ""  #: classifier:DIR (sculpt features train); needed when perceptual_weight > 0
+    disc_weight: float = 0.0  #: patch-discriminator (hinge GAN) weight, times LDM's adaptive weight (0: off)
+    disc_start: int = 0  #: the step the discriminator and its loss start at (LDM starts late)
+    disc_lr: float = 0.0  #: the discriminator's Adam learning rate (0: train.lr)
+    disc_channels: int = 64  #: width of its first layer
+    disc_layers: int = 3
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    """Diffusion in an autoencoder's latent space (``--latent runs/ae`` or ``--latent diffusers:PATH``)."""
+
+    autoencoder: str = ""  #: a sculpt autoencoder run folder or diffusers:PATH (empty: pixel space)
+    sha256: str = ""  #: resolved: the autoencoder's weights hash, checked at start, on resume and on load
+    scale: float = 0.0  #: resolved: its latent scale (the autoencoder's own, measured from data)
+    shift: float = 0.0  #: resolved: its latent shift (z - shift) * scale
+    channels: int | None = None  #: resolved: latent channels
+    resolution: int | None = None  #: resolved: latent height and width
+    cache_dir: str = ""  #: where the encoded dataset is kept (empty: the run folder's latents/)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    task: str = "denoising"  #: the objective: denoising | ect | ict | pd (sculpt.objectives.OBJECTIVES)
+    task: str = "denoising"  #: denoising | ect | ict | pd | autoencoder (sculpt.objectives.OBJECTIVES)
     ect: ECTConfig = field(default_factory=ECTConfig)
     ict: ICTConfig = field(default_factory=ICTConfig)
     pd: PDConfig = field(default_factory=PDConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     out: str = "runs/digits"
 
 

@@ -207,6 +207,8 @@ def _record(
         "teacher": config.distill.teacher or None,
         "teacher_sha256": config.distill.teacher_sha256 or None,
         "student_steps": config.train.sample_steps if config.task != "denoising" else None,
+        "autoencoder": config.latent.autoencoder or None,  # a latent run's samples are decoded by it
+        "autoencoder_sha256": config.latent.sha256 or None,
         "run": str(ctx.run_dir),
         "checkpoint": "ema.safetensors",
         "checkpoint_sha256": ctx.checkpoint_hash,
@@ -247,6 +249,8 @@ def evaluate_run(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
+    if "bpd" in metrics:
+        _refuse_latent_bpd(ctx)  # before minutes of sampling
     started = time.perf_counter()
     image_metrics = [m for m in metrics if m != "bpd"]
     shape = (ctx.config.data.channels, ctx.config.data.resolution, ctx.config.data.resolution)
@@ -286,6 +290,14 @@ def evaluate_run(
     )
 
 
+def _refuse_latent_bpd(ctx: RunContext) -> None:
+    if ctx.config.latent.autoencoder:
+        raise ValueError(
+            "bpd of a latent run would measure its latents, not pixels (the decoder has no density); "
+            "score it with fid, kid, is or pr"
+        )
+
+
 def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu", pilot_n: int = 32) -> dict[str, Any]:
     """Bits/dim of n held-out images (test split, else train) by the probability-flow ODE.
 
@@ -298,6 +310,7 @@ def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu", pil
     from .data import load_dataset
     from .metrics.likelihood import SIGMA_MIN_FACTORS, bpd_ode, choose_sigma_min, point_mass_sigma
 
+    _refuse_latent_bpd(ctx)
     try:
         data = load_dataset(
             ctx.config.data.name, resolution=ctx.config.data.resolution, channels=ctx.config.data.channels, split="test"

@@ -13,12 +13,15 @@ An objective says
   the steps of one with batch N*B and a checkpoint resumes under any number of them.
   float64 tensors (noise levels) stay on the host, where the denoiser's scalings are
   computed; the rest go to the device;
-- per-sample losses of this process's slice: ``loss(batch, step) -> [B]``.
+- per-sample losses of this process's slice: ``loss(batch, step) -> [B]``;
+- what else a checkpoint keeps (``state_dict``: a discriminator's optimizer) and what the
+  run folder keeps when training ends (``finish``: an autoencoder's latent scale).
 
 Objectives: ``Denoising`` (the diffusion loss, its weightings and noise-level draws),
 ``ConsistencyTuning`` (ECT, Geng et al. 2024), ``ConsistencyTraining`` (iCT, Song &
-Dhariwal 2023) and ``ProgressiveDistillation`` (Salimans & Ho 2022). The loop
-(``sculpt.train``) knows none of them; ``sculpt.run.build_objective`` builds them.
+Dhariwal 2023), ``ProgressiveDistillation`` (Salimans & Ho 2022) and
+``AutoencoderTraining`` (the KL autoencoder of latent diffusion, Rombach et al. 2022).
+The loop (``sculpt.train``) knows none of them; ``sculpt.run.build_objective`` builds them.
 """
 
 from __future__ import annotations
@@ -26,12 +29,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Config
+from .data import ImageDataset
 from .denoiser import Denoiser, Scalings, add_noise, broadcast, per_sample_sigma, unit_state
+from .latent import write_latent_scale
+from .nets.autoencoder import Autoencoder, PatchDiscriminator
 from .samplers import ddim
 from .schedules import grid, sigma_to_alpha_sigma
 
@@ -43,7 +51,10 @@ __all__ = [
     "ConsistencyTuning",
     "ConsistencyTraining",
     "ProgressiveDistillation",
+    "AutoencoderModel",
+    "AutoencoderTraining",
     "denoising_loss",
+    "kl_to_standard_normal",
     "ect_r",
     "ict_steps",
     "ict_sigmas",
@@ -148,6 +159,16 @@ class Objective:
     def record(self, step: int) -> dict[str, float | int]:
         """Extra fields for the log line at this step."""
         return {}
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the objective beyond its frozen modules (an optimizer of its own)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` on resume."""
+
+    def finish(self, run_dir: Path, ema: nn.Module, dataset: ImageDataset, device: torch.device) -> None:
+        """After the last step, on the main process: what the run folder keeps beside the weights."""
 
     def _labels(self, labels: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """Class labels with label dropout to the null class (for classifier-free guidance)."""
@@ -494,7 +515,176 @@ def _with_cond(D: Denoiser, cond: dict[str, Tensor]) -> Callable[[Tensor, Tensor
     return D if not cond else (lambda x, sigma: D(x, sigma, **cond))
 
 
+# -- the autoencoder of latent diffusion ----------------------------------------------------------
+
+
+class AutoencoderModel(nn.Module):
+    """What ``AutoencoderTraining`` trains, in the shape the loop expects of a model: the network is ``.net``."""
+
+    def __init__(self, net: Autoencoder) -> None:
+        super().__init__()
+        self.net = net
+
+
+def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per sample [B], summed over the latent's dimensions."""
+    return 0.5 * (mean.float().square() + logvar.float().exp() - 1 - logvar.float()).flatten(1).sum(1)
+
+
+def _psnr(x: Tensor, y: Tensor) -> Tensor:
+    """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = (x.float() - y.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4 / mse.clamp_min(1e-10))
+
+
+class AutoencoderTraining(Objective):
+    """The KL autoencoder of latent diffusion (Rombach et al. 2022, LDM's ``LPIPSWithDiscriminator``).
+
+    Per image: the L1 (or L2) reconstruction error of the decoded posterior sample
+    z = mean + std eps, plus ``perceptual_weight`` times a feature distance of a domain
+    classifier, plus ``kl_weight`` times the KL to N(0, I). LDM sums both over pixels and
+    latents; here both sums are divided by the number of pixel values, which keeps LDM's
+    ratio (its kl_weight 1e-6 means the same) and a loss near 1 for the loop's clipping.
+    From ``disc_start`` on, a PatchGAN discriminator (hinge loss, its own Adam, one step
+    per micro-batch on the detached reconstructions, before the generator's term) adds
+    -D(x_hat) to the loss, weighted
+    by ``disc_weight`` times LDM's adaptive weight |grad nll| / |grad g| at the decoder's
+    last layer. The discriminator and its optimizer are checkpointed, so a resume is exact.
+    """
+
+    name = "autoencoder"
+
+    def __init__(self, config: Config, model: AutoencoderModel, teacher: Denoiser | None = None) -> None:
+        super().__init__(config, model, teacher)
+        a, d = config.autoencoder, config.data
+        if a.reconstruction not in ("l1", "l2"):
+            raise ValueError(f"autoencoder.reconstruction must be l1 or l2 (got {a.reconstruction!r})")
+        if min(a.kl_weight, a.perceptual_weight, a.disc_weight, a.disc_start, a.disc_lr) < 0:
+            raise ValueError("autoencoder weights, disc_start and disc_lr must be >= 0")
+        self.net: Autoencoder = model.net  # the unwrapped network: its last layer for the adaptive weight
+        self.latent_shape = self.net.latent_shape((d.channels, d.resolution, d.resolution))
+        self.perceptual = None
+        if a.perceptual_weight > 0:
+            if not a.perceptual_features.startswith("classifier:"):
+                raise ValueError(
+                    "autoencoder.perceptual_weight > 0 needs autoencoder.perceptual_features=classifier:DIR, a "
+                    "domain classifier of this data (fit one with `sculpt features train --data ... --out DIR`)"
+                )
+            from .metrics.features import get_extractor
+
+            extractor = get_extractor(a.perceptual_features)
+            self.perceptual_size, self.perceptual_channels = extractor.input_size, extractor.input_channels
+            self.perceptual = extractor.net.requires_grad_(False).eval()
+        self.discriminator = self.disc_optimizer = None
+        if a.disc_weight > 0 and config.train.world_size > 1:
+            raise ValueError(
+                "the patch discriminator trains in one process (its optimizer steps inside the loss, outside "
+                "data-parallel averaging); train an autoencoder with autoencoder.disc_weight > 0 on one process"
+            )
+        if a.disc_weight > 0:
+            self.discriminator = PatchDiscriminator(d.channels, a.disc_channels, a.disc_layers, d.resolution)
+            self.disc_optimizer = torch.optim.Adam(
+                self.discriminator.parameters(), lr=a.disc_lr or config.train.lr, betas=(0.5, 0.9)
+            )
+        self._psnr_sum: Tensor | None = None
+        self._count = 0
+        self._last: dict[str, Tensor] = {}
+
+    def _move(self, device: torch.device) -> None:
+        for module in (self.perceptual, self.discriminator):
+            if module is not None and next(module.parameters()).device != device:
+                module.to(device)
+                if module is self.discriminator:  # Adam's state follows its parameters
+                    for state in self.disc_optimizer.state.values():
+                        for key, value in state.items():
+                            if torch.is_tensor(value) and key != "step":
+                                state[key] = value.to(device)
+
+    def frozen(self) -> dict[str, nn.Module]:
+        return {"discriminator": self.discriminator} if self.discriminator is not None else {}
+
+    def state_dict(self) -> dict:
+        return {"disc_optimizer": self.disc_optimizer.state_dict()} if self.disc_optimizer is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.disc_optimizer is not None and "disc_optimizer" in state:
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+
+    def draw(self, images: Tensor, labels: Tensor, generator: torch.Generator, step: int) -> dict[str, Tensor]:
+        noise = torch.randn((images.shape[0], *self.latent_shape), generator=generator)
+        return {"x": images, "noise": noise}
+
+    def perceptual_distance(self, x: Tensor, y: Tensor) -> Tensor:
+        """Per-image distance of the classifier's activations (unit-normalised over channels, LPIPS-style)."""
+        h_x, h_y = x, y
+        if h_x.shape[1] != self.perceptual_channels:  # greyscale <-> colour
+            h_x, h_y = (h.mean(1, keepdim=True).expand(-1, self.perceptual_channels, -1, -1) for h in (h_x, h_y))
+        if h_x.shape[-1] != self.perceptual_size:
+            size = (self.perceptual_size, self.perceptual_size)
+            h_x, h_y = (F.interpolate(h, size=size, mode="bilinear", align_corners=False) for h in (h_x, h_y))
+        distance = torch.zeros(x.shape[0], device=x.device)
+        for layer in self.perceptual.body:
+            h_x, h_y = layer(h_x), layer(h_y)
+            if isinstance(layer, nn.SiLU):
+                a, b = F.normalize(h_x.float(), dim=1, eps=1e-8), F.normalize(h_y.float(), dim=1, eps=1e-8)
+                distance = distance + (a - b).pow(2).sum(1).flatten(1).mean(1)
+        return distance
+
+    def loss(self, batch: dict[str, Tensor], step: int) -> Tensor:
+        a = self.config.autoencoder
+        x = batch["x"]
+        self._move(x.device)
+        recon, mean, logvar = self.model.net(x, batch["noise"])
+        error = (recon.float() - x.float()).abs() if a.reconstruction == "l1" else (recon.float() - x.float()).pow(2)
+        nll = error.flatten(1).mean(1)
+        if self.perceptual is not None:
+            nll = nll + a.perceptual_weight * self.perceptual_distance(x, recon)
+        loss = nll + a.kl_weight * kl_to_standard_normal(mean, logvar) / x[0].numel()
+        with torch.no_grad():  # summed on the device: read once per log line
+            psnr = _psnr(x, recon).sum()
+            self._psnr_sum = psnr if self._psnr_sum is None else self._psnr_sum + psnr
+            self._count += x.shape[0]
+        if self.discriminator is not None and step >= a.disc_start:
+            loss = loss + self._adversarial(x, recon, nll)
+        return loss
+
+    def _adversarial(self, x: Tensor, recon: Tensor, nll: Tensor) -> Tensor:
+        """One discriminator step on this batch, then the generator's hinge term with LDM's adaptive weight."""
+        a = self.config.autoencoder
+        with torch.autocast(x.device.type, enabled=False):
+            real = self.discriminator(x.detach().float())
+            fake = self.discriminator(recon.detach().float())
+            d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+        if torch.is_grad_enabled():
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.disc_optimizer.step()
+        self.discriminator.requires_grad_(False)  # the generator's term moves the decoder, not the critic
+        g_loss = -self.discriminator(recon.float()).flatten(1).mean(1)
+        self.discriminator.requires_grad_(True)
+        if torch.is_grad_enabled():
+            nll_grad = torch.autograd.grad(nll.mean(), self.net.last_layer, retain_graph=True)[0]
+            g_grad = torch.autograd.grad(g_loss.mean(), self.net.last_layer, retain_graph=True)[0]
+            weight = (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach() * a.disc_weight
+        else:
+            weight = torch.tensor(a.disc_weight, device=x.device)
+        self._last = {"d_loss": d_loss.detach(), "d_weight": weight}
+        return weight * g_loss
+
+    def record(self, step: int) -> dict[str, float | int]:
+        record: dict[str, float | int] = {}
+        if self._count:
+            record["psnr"] = float(self._psnr_sum) / self._count
+            self._psnr_sum, self._count = None, 0
+        record.update({key: float(value) for key, value in self._last.items()})
+        return record
+
+    def finish(self, run_dir: Path, ema: nn.Module, dataset: ImageDataset, device: torch.device) -> None:
+        write_latent_scale(run_dir, ema, dataset, device=device)
+
+
 #: ``config.task`` -> objective class.
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (Denoising, ConsistencyTuning, ConsistencyTraining, ProgressiveDistillation)
+    cls.name: cls
+    for cls in (Denoising, ConsistencyTuning, ConsistencyTraining, ProgressiveDistillation, AutoencoderTraining)
 }

@@ -10,6 +10,8 @@ A run folder holds everything needed to rebuild and continue the run:
     log.jsonl                   one line per log interval: loss, lr, grad_norm, img/s
     samples/step_NNNNNN.png     EMA samples from fixed noise; samples/final.png at the end
     loss.png                    the loss curve
+    latent_scale.json           an autoencoder run: its latent scale, measured with ema.safetensors
+    latents/                    a latent run: the dataset encoded by its autoencoder (sculpt.latent)
 
 Checkpoints are written to a temporary folder and renamed into place, so a crash or a
 kill mid-write leaves the previous checkpoint intact. Nothing here knows the training
@@ -19,7 +21,6 @@ this module alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,22 +28,24 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 from torch import nn
 
 from . import config as cfg
-from .checkpoint import state_dict_mismatches
+from .checkpoint import load_weights, weights_hash
 from .config import Config, DistillConfig, override
 from .data import ImageDataset
 from .denoiser import Denoiser
+from .latent import LatentDenoiser, build_autoencoder, open_codec, resolve_latent
 from .nets import NETS
-from .objectives import OBJECTIVES, Objective
+from .objectives import OBJECTIVES, AutoencoderModel, Objective
 from .schedules import Schedule, make
 
 __all__ = [
     "FORMAT",
     "build_schedule",
     "build_denoiser",
+    "build_model",
     "build_objective",
     "check_teacher",
     "student_config",
@@ -68,15 +71,30 @@ def build_schedule(config: Config) -> Schedule:
 
 
 def build_denoiser(config: Config) -> Denoiser:
-    """Network + schedule + target from a resolved config (data.resolution/channels set)."""
+    """Network + schedule + target from a resolved config (data.resolution/channels set).
+
+    A latent run's network works on latents (``latent.channels`` x ``latent.resolution``).
+    """
     if config.model.net not in NETS:
         raise ValueError(f"unknown net {config.model.net!r}; valid names: {', '.join(NETS)} (see `sculpt nets`)")
     if config.data.resolution is None or config.data.channels is None:
         raise ValueError("the config is not resolved: data.resolution and data.channels must be set")
+    channels, resolution = config.data.channels, config.data.resolution
+    if config.latent.autoencoder:
+        if config.latent.channels is None or config.latent.resolution is None:
+            raise ValueError("the config is not resolved: latent.channels and latent.resolution must be set")
+        channels, resolution = config.latent.channels, config.latent.resolution
     options = dict(config.model.net_options)
     options.setdefault("num_classes", config.model.num_classes)
-    net = NETS[config.model.net](in_channels=config.data.channels, resolution=config.data.resolution, **options)
+    net = NETS[config.model.net](in_channels=channels, resolution=resolution, **options)
     return Denoiser(net, build_schedule(config), config.diffusion.prediction, config.diffusion.sigma_data)
+
+
+def build_model(config: Config) -> Denoiser | AutoencoderModel:
+    """What the loop trains for the config's task: a Denoiser, or the autoencoder (``task = autoencoder``)."""
+    if config.task == "autoencoder":
+        return AutoencoderModel(build_autoencoder(config))
+    return build_denoiser(config)
 
 
 def resolve(config: Config, dataset: ImageDataset) -> Config:
@@ -159,40 +177,6 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if (p / "complete").is_file())
 
 
-def load_weights(module: nn.Module, path: Path, what: str) -> None:
-    """Load safetensors weights into a module, explaining any mismatch by key and shape."""
-    state = load_file(str(path))
-    own = module.state_dict()
-    missing, unexpected, mismatched = state_dict_mismatches(own, state)
-    missing, unexpected = sorted(missing), sorted(unexpected)
-    shapes = [f"{k}: checkpoint {found} vs model {wanted}" for k, found, wanted in sorted(mismatched)]
-    if missing or unexpected or shapes:
-        lines = [f"{what} {path} does not match the model built from its config:"]
-        if missing:
-            lines.append(
-                f"  missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
-            )
-        if unexpected:
-            lines.append(
-                f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}"
-                f"{' ...' if len(unexpected) > 8 else ''}"
-            )
-        if shapes:
-            lines.append(f"  shape differences ({len(shapes)}): " + "; ".join(shapes[:8]))
-        lines.append("  Was the config edited, or the weights copied from another run?")
-        raise ValueError("\n".join(lines))
-    module.load_state_dict(state)
-
-
-def weights_hash(path: str | Path) -> str:
-    """First 16 hex digits of the sha256 of a weights file (provenance of teachers and scores)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def read_config(run_dir: str | Path) -> Config:
     """The resolved config of a run folder (config.json, else the weights' metadata)."""
     run_dir = Path(run_dir)
@@ -214,16 +198,27 @@ def load(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = 
     """A ready Denoiser from a run folder (EMA weights by default, eval mode) and its config.
 
     A student (consistency or progressive distillation) loads like any run: it is a
-    Denoiser too; its config says which sampler and steps it was made for.
+    Denoiser too; its config says which sampler and steps it was made for. A latent run
+    loads as a ``LatentDenoiser``: its autoencoder (checked against the recorded hash)
+    decodes what it samples, so ``generate`` gives pixels.
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
+    if config.task == "autoencoder":
+        raise ValueError(
+            f"{run_dir} is an autoencoder run: it encodes and decodes, it does not sample. Train a latent "
+            f"diffusion run on it (sculpt train --latent {run_dir}) or open it with sculpt.latent.open_codec"
+        )
     denoiser = build_denoiser(config)
     name = "ema.safetensors" if ema else "model.safetensors"
     path = run_dir / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the run has not written a checkpoint yet")
     load_weights(denoiser.net, path, "weights")
+    if config.latent.autoencoder:
+        codec = open_codec(config.latent.autoencoder)
+        resolve_latent(config, codec)  # refuses an autoencoder that changed since the run was trained
+        denoiser = LatentDenoiser(denoiser, codec)
     return denoiser.to(device).eval(), config
 
 

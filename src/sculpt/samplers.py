@@ -604,7 +604,9 @@ def generate(
 ) -> Tensor:
     """n samples of ``shape`` in batches, in [-1, 1] on the CPU.
 
-    The noise of sample i depends only on seed and i // batch_size. A class-conditional
+    The noise of sample i depends only on seed and i // batch_size. A latent model (one
+    with a ``codec``, ``sculpt.latent.LatentDenoiser``) samples in its latent space and
+    decodes before clamping: ``shape`` is always the pixels'. A class-conditional
     model (``num_classes`` > 0) gets ``labels`` [n], or labels cycling through the classes,
     so class balance is exact. ``callback`` (a sampler's ``StepInfo`` callback) follows the
     first batch. ``precision`` bf16 / fp16 runs the network under autocast (``sample``).
@@ -615,6 +617,8 @@ def generate(
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
     if num_classes and labels is None:
         labels = torch.arange(n) % num_classes
+    codec = getattr(denoiser, "codec", None)
+    sample_shape = tuple(codec.latent_shape(shape)) if codec is not None else tuple(shape)
     out = []
     bar = tqdm(total=n, desc=f"sampling ({sampler}, {steps} steps)", unit="img", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
@@ -623,7 +627,7 @@ def generate(
         cond = {"class_labels": labels[start : start + count].to(device)} if num_classes else None
         images = sample(
             denoiser,
-            (count, *shape),
+            (count, *sample_shape),
             sampler=sampler,
             steps=steps,
             spacing=spacing,
@@ -633,6 +637,8 @@ def generate(
             device=device,
             precision=precision,
         )
+        if codec is not None:
+            images = codec.decode(images)
         out.append(images.float().clamp(-1, 1).cpu())  # data lives in [-1, 1]; overshoot is not information
         bar.update(count)
     bar.close()

@@ -31,12 +31,13 @@ from .data import ImageDataset, batches, load_dataset
 from .denoiser import Denoiser
 from .evaluate import default_extractor
 from .images import save_grid
+from .latent import Codec, LatentDenoiser, latent_dataset, open_codec, resolve_latent
 from .metrics.features import get_extractor, reference_stats
 from .metrics.stats import frechet_distance
-from .objectives import Objective
+from .objectives import AutoencoderModel, Objective
 from .plots import plot_loss
 from .run import (
-    build_denoiser,
+    build_model,
     build_objective,
     check_teacher,
     complete_checkpoints,
@@ -173,6 +174,9 @@ def _check_config(config: Config) -> None:
 
 
 def _sample_grid(ema_denoiser: Denoiser, config: Config, noise: Tensor, labels: Tensor | None, path: Path) -> None:
+    if isinstance(ema_denoiser, AutoencoderModel):
+        _reconstruction_grid(ema_denoiser.net, config, noise, path)
+        return
     cond = {"class_labels": labels} if labels is not None else None
     images = sample(
         ema_denoiser,
@@ -184,9 +188,41 @@ def _sample_grid(ema_denoiser: Denoiser, config: Config, noise: Tensor, labels: 
         cond=cond,
         device=noise.device,
     )
+    if isinstance(ema_denoiser, LatentDenoiser):
+        images = ema_denoiser.codec.decode(images)  # a latent run's grid shows decoded pixels
     scale = max(1, 128 // config.data.resolution)
     nrow = config.model.num_classes or None
     save_grid(path, images.float().cpu(), nrow=nrow, scale=scale)
+
+
+def _reconstruction_grid(ema: torch.nn.Module, config: Config, images: Tensor, path: Path) -> None:
+    """Input | reconstruction (the EMA autoencoder's posterior mean, decoded) side by side, in pairs."""
+    with torch.inference_mode():
+        recon = ema(images)[0].float().clamp(-1, 1)
+    pairs = torch.stack([images.float(), recon], dim=1).flatten(0, 1)  # (2N, C, H, W): in, out, in, out, ...
+    scale = max(1, 128 // config.data.resolution)
+    save_grid(path, pairs.cpu(), nrow=2 * max(1, int(len(images) ** 0.5)), scale=scale)
+
+
+def _latent_data(config: Config, dataset: ImageDataset, run_dir: Path, world: World, resume: bool, progress: bool):
+    """A latent run's codec, its resolved config and the dataset's latents (encoded once into the cache)."""
+    if not resume and world.main and run_dir.exists() and any(run_dir.glob("*.safetensors")):
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    codec = open_codec(config.latent.autoencoder, progress=progress and world.main)
+    config = resolve_latent(config, codec)  # refuses a changed autoencoder or data it does not fit
+    codec.to(world.device)
+    cache = {
+        "cache_dir": config.latent.cache_dir or run_dir / "latents",
+        "spec": config.data.name,
+        "hflip": config.data.hflip,
+        "device": world.device,
+    }
+    if world.main:  # one process encodes; the others read its cache
+        latents = latent_dataset(codec, dataset, progress=progress, **cache)
+    world.barrier()
+    if not world.main:
+        latents = latent_dataset(codec, dataset, progress=False, **cache)
+    return codec, config, latents
 
 
 def make_optimizer(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -217,7 +253,7 @@ def _my_slice(draws: dict[str, Tensor], world: World, batch_size: int, device: t
     return batch
 
 
-def _training_state(optimizer, scaler, step: int, noise_generator, stream, world: World) -> dict:
+def _training_state(optimizer, scaler, step: int, noise_generator, stream, world: World, objective: Objective) -> dict:
     return {
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -226,6 +262,7 @@ def _training_state(optimizer, scaler, step: int, noise_generator, stream, world
         "torch_rng": torch.get_rng_state(),
         "data": stream.state_dict(),
         "world_size": world.size,
+        "objective": objective.state_dict(),
     }
 
 
@@ -266,6 +303,9 @@ def train(
     if dataset is None:
         dataset = load_dataset(config.data.name, resolution=config.data.resolution, channels=config.data.channels)
     config = resolve(config, dataset)
+    pixels, codec = dataset, None  # a latent run trains on latents and scores decoded pixels
+    if config.latent.autoencoder:
+        codec, config, dataset = _latent_data(config, dataset, run_dir, world, resume, progress)
     config = replace(
         config,
         train=replace(
@@ -278,16 +318,16 @@ def train(
 
     # -- set-up: model, objective, EMA, optimizer ------------------------------------------
     torch.manual_seed(t.seed)
-    model = build_denoiser(config).to(device)
+    model = build_model(config).to(device)
     objective: Objective = build_objective(config, model, device=device)
     net = model.net
     if checkpoint is None and (start := objective.initial_weights()) is not None:
         net.load_state_dict(start)  # a student starts from its teacher
     if t.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    ema = build_denoiser(config).net.to(device).requires_grad_(False).eval()
+    ema = build_model(config).net.to(device).requires_grad_(False).eval()
     ema.load_state_dict(net.state_dict())
-    ema_denoiser = Denoiser(ema, model.schedule, model.prediction, model.sigma_data)
+    ema_denoiser = _ema_model(model, ema, codec)
     optimizer = make_optimizer(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     noise_generator = torch.Generator().manual_seed(t.seed + 1)
@@ -295,7 +335,8 @@ def train(
     # and the objective's same global draws, and keeps its own slice: so the run is the same whatever
     # the number of processes, and a checkpoint resumes under any other number.
     global_batch = t.batch_size * world.size
-    stream = batches(dataset, global_batch, generator=torch.Generator().manual_seed(t.seed), hflip=config.data.hflip)
+    hflip = config.data.hflip and codec is None  # a latent cache holds the mirrored images' own latents
+    stream = batches(dataset, global_batch, generator=torch.Generator().manual_seed(t.seed), hflip=hflip)
     step = 0
 
     # -- set-up: the run folder, or the checkpoint to resume -------------------------------
@@ -310,6 +351,7 @@ def train(
         noise_generator.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"])
         stream.load_state_dict(state["data"])
+        objective.load_state_dict(state.get("objective", {}))
         step = int(state["step"])
         if world.main:
             _truncate_log(run_dir / "log.jsonl", step)
@@ -334,9 +376,12 @@ def train(
 
     fixed = torch.Generator().manual_seed(t.seed + 2)
     grid_noise = torch.randn((t.num_samples, *dataset.images.shape[1:]), generator=fixed).to(device)
+    if isinstance(model, AutoencoderModel):  # an autoencoder's grid reconstructs fixed training images
+        grid_noise = dataset.images[torch.randperm(len(dataset), generator=fixed)[: t.num_samples]].to(device)
     num_classes = config.model.num_classes
     grid_labels = (torch.arange(t.num_samples) % num_classes).to(device) if num_classes else None
-    watcher = _TrainingFID(config, dataset, run_dir, device) if world.main and t.eval_every else None
+    watching = world.main and t.eval_every and not isinstance(model, AutoencoderModel)
+    watcher = _TrainingFID(config, pixels, run_dir, device) if watching else None
 
     net.train()
     params = list(net.parameters())
@@ -416,7 +461,7 @@ def train(
                     handle.write(json.dumps({"step": step, "eval": watcher(ema_denoiser, step)}) + "\n")
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or last or stopping:
                 if world.main:
-                    state = _training_state(optimizer, scaler, step, noise_generator, stream, world)
+                    state = _training_state(optimizer, scaler, step, noise_generator, stream, world, objective)
                     save_checkpoint(
                         run_dir, step, net, ema, state, config, frozen=objective.frozen(), keep=t.keep_checkpoints
                     )
@@ -428,7 +473,16 @@ def train(
     if world.main:
         _sample_grid(ema_denoiser, config, grid_noise, grid_labels, run_dir / "samples" / "final.png")
         _plot_log(run_dir)
+        objective.finish(run_dir, ema, dataset, device)
     return run_dir
+
+
+def _ema_model(model, ema: torch.nn.Module, codec: Codec | None):
+    """The EMA network in the model's shape: a Denoiser (with its codec, for a latent run) or the autoencoder."""
+    if isinstance(model, AutoencoderModel):
+        return AutoencoderModel(ema)
+    denoiser = Denoiser(ema, model.schedule, model.prediction, model.sigma_data)
+    return LatentDenoiser(denoiser, codec) if codec is not None else denoiser
 
 
 class _TrainingFID:
