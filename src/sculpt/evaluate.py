@@ -123,7 +123,7 @@ def default_extractor(run_dir: Path, dataset: Any, spec: str, *, progress: bool 
 
     print(f"fitting a domain classifier on {dataset.name} (once; saved in {folder}) ...", flush=True)
     try:
-        test = load_dataset(spec, resolution=dataset.images.shape[-1], channels=dataset.images.shape[1], split="test")
+        test = load_dataset(spec, resolution=dataset.shape[-1], channels=dataset.shape[0], split="test")
     except (ValueError, FileNotFoundError):
         test = None  # folders have no test split: no held-out accuracy to report
     extractor, accuracy = train_classifier(dataset, test_dataset=test, progress=progress)
@@ -160,7 +160,7 @@ def prepare(
         extractor = default_extractor(run_dir, dataset, config.data.name, progress=progress)
     reference = reference_stats(
         extractor,
-        dataset.images,
+        dataset.images(),
         dataset=config.data.name,
         split=split,
         cache_dir=run_dir / "features" / "reference",
@@ -290,7 +290,7 @@ def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu") -> 
         split = "test"
     except (ValueError, FileNotFoundError):
         data, split = ctx.dataset, "train"
-    images = data.images[:n].to(device)
+    images = data.images(slice(None, n)).to(device)
     schedule = ctx.denoiser.schedule
     sigma_max = min(schedule.sigma_max, 200.0)
     result = bpd_ode(
@@ -430,7 +430,7 @@ def evaluate_sets(
         )
     extractor = get_extractor(features, device=device)
     real_path = Path(real)
-    real_images = load_images(real_path) if real_path.suffix == ".npz" else load_dataset(real).images
+    real_images = load_images(real_path) if real_path.suffix == ".npz" else load_dataset(real).images()
     fake_images = load_images(Path(fake))
     started = time.perf_counter()
     real_features = extractor.features(real_images, progress=progress)
