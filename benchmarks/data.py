@@ -13,7 +13,8 @@ For each, in a fresh process (so memory and start-up are its own):
 - peak memory: the proportional set size (PSS, so pages shared after fork count once) of
   the process and its worker processes together, sampled every 0.2 s.
 
-The images are written once into benchmarks/out/data/ (about a minute); the tar shards
+The images are written once into benchmarks/out/data/ (a minute or two): 5,000 different
+smooth random colour fields with a little noise, each written as 10 files; the tar shards
 (10 x 5,000 images, WebDataset layout KEY.png + KEY.cls) are written from them.
 
     OMP_NUM_THREADS=2 python benchmarks/data.py             # 50,000 images: about 15 minutes on 2 cores
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent / "out" / "data"
+DISTINCT = 5_000  # different images among the n files
 
 
 # ----------------------------------------------------------------------------- the images
@@ -49,14 +51,21 @@ def write_images(n: int) -> tuple[Path, Path]:
 
     folder, shards = ROOT / f"png{n}", ROOT / f"tar{n}"
     if not (folder / "done").is_file():
+        # DISTINCT different images, each written as n / DISTINCT separate files (PNG encoding is the slow part
+        # of writing; reading decodes every file on its own, so the copies cost the pipeline what new images would).
         rng = np.random.default_rng(0)
-        for i in tqdm(range(n), desc="writing PNGs", unit="img"):
+        encoded = []
+        for _ in tqdm(range(min(n, DISTINCT)), desc="encoding PNGs", unit="img"):
             coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
             image = Image.fromarray(coarse).resize((64, 64), Image.Resampling.BICUBIC)
             noisy = np.clip(np.asarray(image, dtype=np.int16) + rng.integers(-8, 9, (64, 64, 3)), 0, 255)
+            buffer = io.BytesIO()
+            Image.fromarray(noisy.astype(np.uint8)).save(buffer, format="PNG", compress_level=1)
+            encoded.append(buffer.getvalue())
+        for i in tqdm(range(n), desc="writing PNGs", unit="img"):
             path = folder / f"{i // 1000:03d}" / f"{i:06d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(noisy.astype(np.uint8)).save(path)
+            path.write_bytes(encoded[i % len(encoded)])
         (folder / "done").write_text(str(n))
     if not (shards / "done").is_file():
         shards.mkdir(parents=True, exist_ok=True)
@@ -100,7 +109,7 @@ def child_pipeline(kind: str, spec: str, batch: int, seconds: float, workers: in
 
             def __getitem__(self, i):
                 with Image.open(self.paths[i]) as image:
-                    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+                    pixels = np.array(image.convert("RGB"), dtype=np.uint8)
                 return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
 
         loader = torch.utils.data.DataLoader(
@@ -159,6 +168,38 @@ def child_train(kind: str, spec: str, batch: int, seconds: float, workers: int) 
     return {"first": first.get("s", float("nan")), "img_per_s": statistics.median(steady), "steps": len(lines)}
 
 
+def in_memory_fetch(spec: str, batch: int = 128, repeats: int = 300) -> None:
+    """One in-memory batch with flips: uint8 storage (now) against the float32 storage sculpt had before."""
+    import torch
+
+    from sculpt.data import batches, load_dataset
+
+    dataset = load_dataset(spec)
+    floats = dataset.images()  # what ImageDataset.images held before: float32 in [-1, 1]
+
+    def before(indices, flips):  # the old Batches.__next__, line for line
+        images = floats[indices]
+        if flips.any():
+            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+        return images, dataset.labels[indices]
+
+    stream = batches(dataset, batch, generator=torch.Generator().manual_seed(0), hflip=True)
+    sampler = stream.sampler.__class__(len(dataset), batch, seed=1, hflip=True)
+    times = {"now": [], "before": []}
+    for _ in range(repeats):  # alternate, so a busy machine slows both alike
+        t = time.perf_counter()
+        next(stream)
+        times["now"].append(time.perf_counter() - t)
+        indices, flips = next(sampler)
+        t = time.perf_counter()
+        before(indices, flips)
+        times["before"].append(time.perf_counter() - t)
+    now, old = (statistics.median(times[k]) * 1e3 for k in ("now", "before"))
+    mib = dataset.pixels.numel() / 2**20
+    print(f"in-memory batch of {batch} with flips ({dataset.name}, {mib:.0f} MiB as uint8, {4 * mib:.0f} as float32): "
+          f"sculpt uint8 {now:.3f} ms, float32 (before) {old:.3f} ms, {old / now:.2f}x", flush=True)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- the parent: memory and start-up
 
 
@@ -214,7 +255,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=16, help="batch of the training runs (unet-small)")
     parser.add_argument("--pipeline-seconds", type=float, default=None)
     parser.add_argument("--train-seconds", type=float, default=None)
-    parser.add_argument("--skip", default="", help="comma list of: pipeline, train, memory-train")
+    parser.add_argument("--skip", default="", help="comma list of: fetch, pipeline, train, memory-train")
+    parser.add_argument("--mnist", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-5k"))
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from sculpt.data import default_workers
@@ -233,6 +275,13 @@ def main() -> None:
         ratio = a[key] / b[key] if higher else b[key] / a[key]
         print(f"{what}: {a_name} {a[key]:.1f} {unit}, {b_name} {b[key]:.1f} {unit}, {ratio:.2f}x", flush=True)
 
+    if "fetch" not in skip:
+        import torch
+
+        torch.set_num_threads(1)
+        in_memory_fetch("digits")
+        if Path(args.mnist).is_dir():
+            in_memory_fetch(f"mnist:{args.mnist}")
     if "pipeline" not in skip:
         runs = {
             "stream folder": measure("pipeline", "stream", str(folder), args),

@@ -906,8 +906,22 @@ class _Reads(Dataset):
         return index, pixels.flip(-1) if flip else pixels, None
 
 
-def _collate(items):
-    return items  # (index, uint8 [C, H, W] or None, error) per row; stacked by the trainer's process
+def _collate(items) -> tuple[list[int], torch.Tensor, dict[int, str]]:
+    """In the worker: one uint8 tensor for the batch (one shared-memory block to pass, not one per image).
+
+    Rows that could not be read are zeros here, and named in the third element (row -> error).
+    """
+    shape = next((pixels.shape for _, pixels, _ in items if pixels is not None), None)
+    if shape is None:
+        return [index for index, _, _ in items], torch.empty(0), {k: e for k, (_, _, e) in enumerate(items)}
+    batch = torch.empty((len(items), *shape), dtype=torch.uint8)
+    errors = {}
+    for k, (_, pixels, error) in enumerate(items):
+        if pixels is None:
+            batch[k], errors[k] = 0, error
+        else:
+            batch[k] = pixels
+    return [index for index, _, _ in items], batch, errors
 
 
 class Batches:
@@ -951,10 +965,11 @@ class Batches:
             return self.dataset.to_float(pixels), labels
         if self._loader is None:
             self._loader = iter(self._make_loader(start))
-        rows = next(self._loader)
-        if [index for index, _, _ in rows] != mine.tolist():
+        read, pixels, errors = next(self._loader)
+        if read != mine.tolist():
             raise RuntimeError("the decoding workers fell out of step with the batch stream (a bug in sculpt)")
-        pixels, labels = self._fill_unreadable(rows, labels)
+        if errors:
+            pixels, labels = self._fill_unreadable(read, pixels, errors, labels)
         return self.dataset.to_float(pixels), labels
 
     def _make_loader(self, position: int) -> torch.utils.data.DataLoader:
@@ -967,29 +982,26 @@ class Batches:
             worker_init_fn=_quiet_worker if self.workers else None,
         )
 
-    def _fill_unreadable(self, rows, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack the rows; each unreadable one takes the next readable row's image and label."""
-        good = [k for k, (_, pixels, _) in enumerate(rows) if pixels is not None]
-        if len(good) == len(rows):
-            return torch.stack([pixels for _, pixels, _ in rows]), labels
+    def _fill_unreadable(
+        self, read: list[int], pixels: torch.Tensor, errors: dict[int, str], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each unreadable row takes the image and label of the next readable row of the batch (cyclically)."""
+        good = [k for k in range(len(read)) if k not in errors]
         if not good:
             raise OSError(
-                f"none of the {len(rows)} images of this batch could be read, e.g. {rows[0][2]}; "
+                f"none of the {len(read)} images of this batch could be read, e.g. {errors[0]}; "
                 "is the dataset still there?"
             )
         labels, offset = labels.clone(), self.rows.start
-        filled = []
-        for k, (index, pixels, error) in enumerate(rows):
-            if pixels is None:
-                donor = next((g for g in good if g > k), good[0])
-                pixels = rows[donor][1]
-                labels[offset + k] = labels[offset + donor]
-                self.unreadable += 1
-                if index not in self._reported and len(self._reported) < 5:  # the rest are only counted
-                    self._reported.add(index)
-                    warnings.warn(f"skipped an unreadable image ({error}); {self.unreadable} so far", stacklevel=3)
-            filled.append(pixels)
-        return torch.stack(filled), labels
+        for k, error in sorted(errors.items()):
+            donor = next((g for g in good if g > k), good[0])
+            pixels[k] = pixels[donor]
+            labels[offset + k] = labels[offset + donor]
+            self.unreadable += 1
+            if read[k] not in self._reported and len(self._reported) < 5:  # the rest are only counted
+                self._reported.add(read[k])
+                warnings.warn(f"skipped an unreadable image ({error}); {self.unreadable} so far", stacklevel=3)
+        return pixels, labels
 
     def close(self) -> None:
         """Stop the decoding workers (they also stop when this object is garbage collected)."""

@@ -303,6 +303,14 @@ def train(
         checkpoint = found[-1]
         saved = read_config(run_dir)
         config = replace(saved, train=replace(saved.train, steps=config.train.steps), out=config.out)
+        if saved.train.world_size != world.size:  # keep the global batch, so the steps are the ones it would take
+            global_batch = saved.train.batch_size * saved.train.world_size
+            if global_batch % world.size:
+                raise ValueError(
+                    f"--resume: the run's global batch of {global_batch} does not split over {world.size} processes; "
+                    f"resume it under a number of processes that divides {global_batch}"
+                )
+            config = replace(config, train=replace(config.train, batch_size=global_batch // world.size))
     _check_config(config)
     if config.distill.teacher and not config.distill.teacher_sha256:  # a student started by hand (--task)
         config = replace(
