@@ -281,3 +281,20 @@ def test_config_file_and_every_flag_form(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     args, extra = build_parser().parse_known_args(["train", "--data.stream", "true"])
     assert vars(args)["config:data.stream"] == "true" and extra == []
+
+
+def test_tar_members_with_long_names_and_gnu_format(tmp_path):
+    """ustar headers are parsed directly; pax (long names) and GNU shards take tarfile's path: same result."""
+    pixels = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    for fmt, name in ((tarfile.USTAR_FORMAT, "a/b"), (tarfile.PAX_FORMAT, "d" * 120), (tarfile.GNU_FORMAT, "e" * 120)):
+        shard = tmp_path / f"{fmt}.tar"
+        with tarfile.open(shard, "w", format=fmt) as tar:
+            for key, data in ((f"{name}/x.png", buffer.getvalue()), (f"{name}/x.cls", b"4")):
+                info = tarfile.TarInfo(key)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        dataset = load_dataset(str(shard), labels_from_folders=True)
+        assert dataset.labels.tolist() == [4] and dataset.class_names == ["0", "1", "2", "3", "4"]
+        assert torch.equal(dataset.pixels[0], torch.from_numpy(pixels[:, 1:6]).permute(2, 0, 1))  # centred 5x5
