@@ -540,7 +540,7 @@ def _folder_source(folder: Path) -> _FileSource:
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder (expected {what})")
     paths = []
-    for directory, subfolders, names in os.walk(folder, followlinks=True):  # scandir: no stat per file
+    for directory, subfolders, names in os.walk(folder):  # scandir: no stat per file (links to folders: not followed)
         subfolders.sort()
         relative = os.path.relpath(directory, folder)
         prefix = "" if relative == "." else relative + os.sep
