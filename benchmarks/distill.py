@@ -120,9 +120,9 @@ def benchmark(name: str, args: argparse.Namespace) -> list[str]:
     n = min(args.n, len(test_set))
     # Fixed random subsets: IDX files can be sorted by label (mnist-5k's train and test splits are).
     test_subset = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))[:n]
-    reference = extractor.features(test_set.images[test_subset], progress=False)
+    reference = extractor.features(test_set.images()[test_subset], progress=False)
     subset = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:n]
-    floor = frechet_distance(extractor.features(train_set.images[subset], progress=False), reference)
+    floor = frechet_distance(extractor.features(train_set.images()[subset], progress=False), reference)
     lines = [
         f"{name}: classifier test accuracy {accuracy:.4f}; FD of {args.sets} sets of n = {n} against the test "
         f"images (mean); real-vs-real floor (n training images) FD {floor:.2f}"

@@ -386,19 +386,19 @@ def compare_torchmetrics(
 
     # Whole sets, one subset: torchmetrics' randperm then takes every row, so there is no randomness.
     real_rows = np.random.default_rng(0).choice(len(train), len(test), replace=False)
-    real = train.images[real_rows]
+    real = train.images()[real_rows]
     sculpt_kid, _ = kid(train_feats[real_rows], test_feats, subsets=1, subset_size=len(test))
-    tm_kid, _, metric = torchmetrics_kid(module, real, test.images, subsets=1, subset_size=len(test), seed=0)
+    tm_kid, _, metric = torchmetrics_kid(module, real, test.images(), subsets=1, subset_size=len(test), seed=0)
     stored = torch.cat(metric.real_features + metric.fake_features).numpy()
     mismatch = np.abs(stored - np.concatenate([train_feats[real_rows], test_feats])).max()
     print(f"{name} features: torchmetrics' stored {stored.shape[0]} rows vs sculpt's, max |diff| {mismatch:.1e}")
 
-    tm_fid = torchmetrics_fid(module, train.images, test.images)
+    tm_fid = torchmetrics_fid(module, train.images(), test.images())
     compare_fid(
         f"{name} fid train ({len(train)}) vs test ({len(test)})", train_feats, test_feats, tm_fid, high_precision
     )
     few = np.random.default_rng(1).choice(len(test), 250, replace=False)
-    tm_fid = torchmetrics_fid(module, train.images, test.images[few])
+    tm_fid = torchmetrics_fid(module, train.images(), test.images()[few])
     compare_fid(f"{name} fid train ({len(train)}) vs test (250)", train_feats, test_feats[few], tm_fid, high_precision)
     print(
         f"{name} kid train ({len(test)} of {len(train)}) vs test ({len(test)}), 1 subset of all {len(test)}: "
@@ -408,7 +408,7 @@ def compare_torchmetrics(
     subsets = settings.kid_subsets
     sculpt_mean, sculpt_std = kid(train_feats, test_feats, subsets=subsets, subset_size=KID_SUBSET_SIZE, seed=0)
     tm_mean, tm_std, _ = torchmetrics_kid(
-        module, train.images, test.images, subsets=subsets, subset_size=KID_SUBSET_SIZE, seed=0
+        module, train.images(), test.images(), subsets=subsets, subset_size=KID_SUBSET_SIZE, seed=0
     )
     standard_error = np.hypot(sculpt_std, tm_std) / np.sqrt(subsets)
     diff = abs(sculpt_mean - tm_mean)
@@ -425,7 +425,7 @@ def compare_torchmetrics(
 def benchmark(name: str, spec: str, settings: Settings, high_precision: bool) -> tuple[ImageDataset, FeatureExtractor]:
     train = load_dataset(spec, split="train")
     test = load_dataset(spec, split="test")
-    side = train.images.shape[-1]
+    side = train.shape[-1]
     print(f"\n==== {name}: {len(train)} train / {len(test)} test images, {side}x{side} ====")
     started = time.perf_counter()
     extractor, accuracy = train_classifier(train, steps=settings.classifier_steps, test_dataset=test, progress=False)
@@ -433,9 +433,9 @@ def benchmark(name: str, spec: str, settings: Settings, high_precision: bool) ->
         f"{name} classifier: {settings.classifier_steps} steps in {time.perf_counter() - started:.1f} s, "
         f"{extractor.feature_dim}-d features, held-out test accuracy {accuracy:.1%}"
     )
-    feats = {"train": extractor.features(train.images, progress=False)}
-    feats["test"] = extractor.features(test.images, progress=False)
-    per_thousand = seconds_per_thousand(extractor, train.images, settings.speed_repeats)
+    feats = {"train": extractor.features(train.images(), progress=False)}
+    feats["test"] = extractor.features(test.images(), progress=False)
+    per_thousand = seconds_per_thousand(extractor, train.images(), settings.speed_repeats)
     print(
         f"{name} feature extraction, classifier, batch 64, {len(train)} images, median of {settings.speed_repeats}: "
         f"{per_thousand:.3f} s per 1000 images"
@@ -475,7 +475,7 @@ def main() -> None:
     benchmark("digits", "digits", settings, args.mpmath)
     mnist, _ = benchmark("mnist", f"mnist:{MNIST_DIR}", settings, args.mpmath)
     print("\n==== Inception-v3 speed ====")
-    inception_speed(mnist.images, settings)
+    inception_speed(mnist.images(), settings)
     print(f"\nwall time {time.perf_counter() - started:.1f} s")
 
 

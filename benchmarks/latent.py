@@ -222,9 +222,9 @@ def main() -> None:
     train_set = load_dataset(SPEC, resolution=args.res)
     n = min(args.n, len(test))
     pick = torch.Generator().manual_seed(0)  # the IDX files are sorted by class: random subsets, never the first n
-    real = test.images[torch.randperm(len(test), generator=pick)[:n]]
+    real = test.images(torch.randperm(len(test), generator=pick)[:n])
     real_feats = features(extractor, real)
-    others = train_set.images[torch.randperm(len(train_set), generator=pick)[:n]]
+    others = train_set.images(torch.randperm(len(train_set), generator=pick)[:n])
     floor = frechet_distance(features(extractor, others), real_feats)
 
     # 1. autoencoders

@@ -175,7 +175,7 @@ def train_diffusers(
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     dataset = load_dataset(spec)
-    _, channels, resolution, _ = dataset.images.shape
+    channels, resolution, _ = dataset.shape
     torch.manual_seed(seed)
     model = make_unet(resolution, channels)
     noise_scheduler = make_ddpm_scheduler()
@@ -321,7 +321,7 @@ def millions(p: int) -> str:
 def benchmark(name: str, args: argparse.Namespace) -> str | None:
     spec = SPECS[name]
     train_set, test_set = load_dataset(spec), load_dataset(spec, split="test")
-    _, channels, res, _ = train_set.images.shape
+    channels, res, _ = train_set.shape
     began = time.perf_counter()
     extractor, accuracy = train_classifier(
         train_set, test_dataset=test_set, steps=args.classifier_steps, progress=False
@@ -336,11 +336,11 @@ def benchmark(name: str, args: argparse.Namespace) -> str | None:
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
     n_test = min(len(test_set), args.n or len(test_set))
     n_train = min(len(train_set) // 2, 1000, args.n or len(train_set))
-    shuffled = train_set.images[order]
+    shuffled = train_set.images()[order]
     references = [
         Reference(
             f"the {n_test} held-out test images",
-            features(test_set.images[:n_test]),
+            features(test_set.images()[:n_test]),
             features(shuffled[: min(5, len(shuffled) // n_test) * n_test]),
         ),
         Reference(

@@ -31,14 +31,14 @@ def test_digits_shapes_range_and_labels():
     from sklearn.datasets import load_digits
 
     train, test = load_dataset("digits"), load_dataset("digits", split="test")
-    assert train.images.shape == (1500, 1, 8, 8) and test.images.shape == (297, 1, 8, 8)
-    assert train.images.dtype == torch.float32 and train.labels.dtype == torch.int64
-    assert train.images.min() == -1 and train.images.max() == 1
+    assert train.images().shape == (1500, 1, 8, 8) and test.images().shape == (297, 1, 8, 8)
+    assert train.images().dtype == torch.float32 and train.labels.dtype == torch.int64
+    assert train.images().min() == -1 and train.images().max() == 1
     assert train.num_classes == 10 and train.class_names == [str(d) for d in range(10)]
     assert set(test.labels.tolist()) == set(range(10))
     reference = load_digits()
     # 0..16 -> [-1, 1], and the test split is the last 297 digits
-    assert torch.equal(test.images[-1, 0], torch.from_numpy(reference.images[-1]).float() / 8 - 1)
+    assert torch.equal(test.images()[-1, 0], torch.from_numpy(reference.images[-1]).float() / 8 - 1)
     assert test.labels[-1] == reference.target[-1]
     image, label = train[3]
     assert image.shape == (1, 8, 8) and label == reference.target[3] and len(train) == 1500
@@ -46,13 +46,13 @@ def test_digits_shapes_range_and_labels():
 
 def test_digits_resized_and_channels():
     big = load_dataset("digits", resolution=16, channels=3)
-    assert big.images.shape == (1500, 3, 16, 16)
-    assert big.images.min() >= -1 and big.images.max() <= 1
-    assert torch.equal(big.images[:, 0], big.images[:, 2])
+    assert big.images().shape == (1500, 3, 16, 16)
+    assert big.images().min() >= -1 and big.images().max() <= 1
+    assert torch.equal(big.images()[:, 0], big.images()[:, 2])
     small = load_dataset("digits")
     # antialiased downsampling back to 8x8 stays close to the original
-    back = torch.nn.functional.interpolate(big.images[:, :1], size=8, mode="area")
-    assert (back - small.images).abs().mean() < 0.1
+    back = torch.nn.functional.interpolate(big.images()[:, :1], size=8, mode="area")
+    assert (back - small.images()).abs().mean() < 0.1
 
 
 # ----------------------------------------------------------------------------- MNIST (IDX)
@@ -65,10 +65,10 @@ def mnist_train():
 
 @needs_mnist
 def test_mnist_5k_counts_and_range(mnist_train):
-    assert mnist_train.images.shape == (4000, 1, 28, 28)
+    assert mnist_train.images().shape == (4000, 1, 28, 28)
     assert torch.bincount(mnist_train.labels).tolist() == [400] * 10
     test = load_dataset(f"mnist:{MNIST_5K}", split="test")
-    assert test.images.shape == (1000, 1, 28, 28)
+    assert test.images().shape == (1000, 1, 28, 28)
     assert torch.bincount(test.labels).tolist() == [100] * 10
     assert mnist_train.num_classes == 10 and mnist_train.name == "mnist-train"
     # 0 -> -1 and 255 -> 1 exactly, pixel for pixel against the raw bytes
@@ -76,8 +76,8 @@ def test_mnist_5k_counts_and_range(mnist_train):
         raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(1000, 28, 28)
     assert raw.min() == 0 and raw.max() == 255
     expected = torch.from_numpy(raw.astype(np.float32)) / 127.5 - 1
-    assert torch.equal(test.images[:, 0], expected)
-    assert test.images.min() == -1 and test.images.max() == 1
+    assert torch.equal(test.images()[:, 0], expected)
+    assert test.images().min() == -1 and test.images().max() == 1
 
 
 @needs_mnist
@@ -87,10 +87,10 @@ def test_idx_plain_and_gzipped_agree(tmp_path):
             shutil.copyfileobj(src, dst)
     plain = load_dataset(f"fashion_mnist:{tmp_path}", split="test")
     gzipped = load_dataset(f"mnist:{MNIST_5K}", split="test")
-    assert torch.equal(plain.images, gzipped.images) and torch.equal(plain.labels, gzipped.labels)
+    assert torch.equal(plain.images(), gzipped.images()) and torch.equal(plain.labels, gzipped.labels)
     assert plain.class_names[0] == "T-shirt/top"
     resized = load_dataset(f"mnist:{tmp_path}", split="test", resolution=32)
-    assert resized.images.shape == (1000, 1, 32, 32)
+    assert resized.images().shape == (1000, 1, 32, 32)
 
 
 def write_idx(path: Path, magic: int, sizes: list[int], payload: bytes) -> None:
@@ -111,8 +111,8 @@ def test_idx_errors(tmp_path):
         load_dataset(f"mnist:{tmp_path}")
     write_idx(tmp_path / "train-images-idx3-ubyte", 2051, [2, 3, 3], bytes(range(18)))
     small = load_dataset(f"mnist:{tmp_path}")
-    assert small.images.shape == (2, 1, 3, 3) and small.labels.tolist() == [1, 2]
-    assert small.images[1, 0, 2, 2] == level(17)
+    assert small.images().shape == (2, 1, 3, 3) and small.labels.tolist() == [1, 2]
+    assert small.images()[1, 0, 2, 2] == level(17)
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
         load_dataset(f"mnist:{tmp_path}", split="test")
     with pytest.raises(FileNotFoundError, match="no folder"):
@@ -138,16 +138,16 @@ def test_cifar10_binary_round_trip(tmp_path):
     (folder / "test_batch.bin").write_bytes(cifar_record(7, 1, 2, 3, (31, 0)))
 
     train = load_dataset(f"cifar10:{tmp_path}")  # finds the unpacked subfolder itself
-    assert train.images.shape == (10, 3, 32, 32) and train.num_classes == 10
+    assert train.images().shape == (10, 3, 32, 32) and train.num_classes == 10
     assert train.labels.tolist() == [1, 9, 2, 9, 3, 9, 4, 9, 5, 9]
-    first = train.images[0]
+    first = train.images()[0]
     assert first[0, 0, 0] == level(10) and first[2, 7, 7] == level(200)
     assert first[1, 3, 5] == 1.0 and first[1, 5, 3] == level(100)
-    assert train.images[1, 1, 0, 31] == 1.0 and train.images[1, 2].min() == 1.0
-    assert train.images[8, 0, 9, 9] == level(50)
+    assert train.images()[1, 1, 0, 31] == 1.0 and train.images()[1, 2].min() == 1.0
+    assert train.images()[8, 0, 9, 9] == level(50)
     test = load_dataset(f"cifar10:{folder}", split="test")
     assert test.labels.tolist() == [7] and test.class_names[7] == "horse"
-    assert test.images[0, 1, 31, 0] == 1.0 and test.images[0, 0, 0, 0] == level(1)
+    assert test.images()[0, 1, 31, 0] == 1.0 and test.images()[0, 0, 0, 0] == level(1)
 
     (folder / "test_batch.bin").write_bytes(bytes(3074))
     with pytest.raises(ValueError, match="3073-byte"):
@@ -173,30 +173,32 @@ def test_folder_classes_from_nested_subfolders(tmp_path):
     dataset = load_dataset(f"folder:{tmp_path}")
     assert dataset.class_names == ["cat", "dog"] and dataset.num_classes == 2
     assert dataset.labels.tolist() == [0, 0, 1]  # cat/a, cat/deeper/b, dog/c
-    assert dataset.images.shape == (3, 1, 6, 6)  # all grey -> one channel
-    assert dataset.images[1, 0, 3, 3] == level(200)
+    assert dataset.images().shape == (3, 1, 6, 6)  # all grey -> one channel
+    assert dataset.images()[1, 0, 3, 3] == level(200)
     unlabelled = load_dataset(str(tmp_path), labels_from_folders=False)
     assert unlabelled.num_classes == 0 and unlabelled.labels.tolist() == [0, 0, 0]
 
     save(tmp_path / "loose.png", Image.new("L", (6, 6), 0))
-    with pytest.raises(ValueError, match="loose.png"):
-        load_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match=r"1 images directly inside it \(e.g. loose.png\).*class_cond=false"):
+        load_dataset(str(tmp_path), labels_from_folders=True)  # class conditioning needs a class for every image
+    mixed = load_dataset(str(tmp_path))  # unconditional: every image, whatever the layout, unlabelled
+    assert len(mixed) == 4 and mixed.num_classes == 0 and mixed.labels.tolist() == [0, 0, 0, 0]
 
 
 def test_folder_grey_versus_rgb(tmp_path):
     save(tmp_path / "grey.png", Image.new("L", (4, 4), 100))
     flat = load_dataset(str(tmp_path))
-    assert flat.images.shape == (1, 1, 4, 4) and flat.num_classes == 0
+    assert flat.images().shape == (1, 1, 4, 4) and flat.num_classes == 0
     save(tmp_path / "red.bmp", Image.new("RGB", (4, 4), (255, 0, 0)))
     save(tmp_path / "clear.webp", Image.new("RGBA", (4, 4), (0, 0, 0, 0)))
     mixed = load_dataset(str(tmp_path))  # sorted: clear.webp, grey.png, red.bmp
-    assert mixed.images.shape == (3, 3, 4, 4)
-    assert (mixed.images[0] == 1).all()  # transparent -> white
-    assert (mixed.images[1] == level(100)).all()  # grey repeated in R, G, B
-    assert mixed.images[2, :, 0, 0].tolist() == [1, -1, -1]
+    assert mixed.images().shape == (3, 3, 4, 4)
+    assert (mixed.images()[0] == 1).all()  # transparent -> white
+    assert (mixed.images()[1] == level(100)).all()  # grey repeated in R, G, B
+    assert mixed.images()[2, :, 0, 0].tolist() == [1, -1, -1]
     forced = load_dataset(str(tmp_path), channels=1)
-    assert forced.images.shape == (3, 1, 4, 4)
-    assert forced.images[2, 0, 0, 0] == level(76)  # luma of pure red
+    assert forced.images().shape == (3, 1, 4, 4)
+    assert forced.images()[2, 0, 0, 0] == level(76)  # luma of pure red
 
 
 def test_folder_resize_and_centre_crop(tmp_path):
@@ -208,19 +210,19 @@ def test_folder_resize_and_centre_crop(tmp_path):
     save(tmp_path / "wide.png", Image.fromarray(pixels))
     save(tmp_path / "tall.png", Image.fromarray(pixels.transpose(1, 0, 2).copy()))
     dataset = load_dataset(str(tmp_path), resolution=10)
-    assert dataset.images.shape == (2, 3, 10, 10)
-    wide = dataset.images[1]  # sorted: tall.png, wide.png
+    assert dataset.images().shape == (2, 3, 10, 10)
+    wide = dataset.images()[1]  # sorted: tall.png, wide.png
     # Inside, no trace of the red margins (R == G); the outermost columns see a little of
     # them through the Lanczos kernel, exactly as resize-then-crop would.
     assert (wide[0, :, 1:-1] - wide[1, :, 1:-1]).abs().max() < 0.02
     assert (wide[0] - wide[1]).abs().max() < 0.2
     assert (wide[:, :4, 1:-1] > 0.95).all() and (wide[:, 6:, 1:-1] < -0.95).all()
-    tall = dataset.images[0]  # transposed: white on the left, black on the right
+    tall = dataset.images()[0]  # transposed: white on the left, black on the right
     assert (tall[:, 1:-1, :4] > 0.95).all() and (tall[:, 1:-1, 6:] < -0.95).all()
     assert torch.allclose(tall, wide.transpose(1, 2))
     default = load_dataset(str(tmp_path))  # resolution = smallest shorter side = 30
-    assert default.images.shape == (2, 3, 30, 30)
-    assert default.images[1, 0, 0, 0] == 1 and default.images[1, 0, 29, 29] == -1
+    assert default.images().shape == (2, 3, 30, 30)
+    assert default.images()[1, 0, 0, 0] == 1 and default.images()[1, 0, 29, 29] == -1
 
 
 def test_folder_skips_corrupt_files_with_one_warning(tmp_path):
@@ -289,13 +291,19 @@ def test_hf_picks_image_and_label_columns(monkeypatch):
     class Table:
         features = {"caption": str, "img": Image_(), "fine": ClassLabel(["cat", "dog", "eel"])}
 
-        def __getitem__(self, column):
-            columns = {
-                "img": [Image.new("L", (8, 6), 0), Image.new("RGB", (10, 10), (255, 255, 255))],
-                "fine": [2, 0],
-                "caption": ["a", "b"],
-            }
-            return iter(columns[column])  # a lazy column, readable once
+        columns = {
+            "img": [Image.new("L", (8, 6), 0), Image.new("RGB", (10, 10), (255, 255, 255))],
+            "fine": [2, 0],
+            "caption": ["a", "b"],
+        }
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, key):  # as datasets.Dataset: a row by number, a column by name
+            if isinstance(key, int):
+                return {column: values[key] for column, values in self.columns.items()}
+            return iter(self.columns[key])  # a lazy column, readable once
 
     calls = []
     fake = types.SimpleNamespace(
@@ -306,8 +314,8 @@ def test_hf_picks_image_and_label_columns(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", fake)
     dataset = load_dataset("hf:someone/pets", split="test")
     assert calls == [("someone/pets", "test")]
-    assert dataset.images.shape == (2, 3, 6, 6)  # RGB present; smallest shorter side is 6
-    assert dataset.images[0].max() == -1 and dataset.images[1].min() == 1
+    assert dataset.images().shape == (2, 3, 6, 6)  # RGB present; smallest shorter side is 6
+    assert dataset.images()[0].max() == -1 and dataset.images()[1].min() == 1
     assert dataset.labels.tolist() == [2, 0] and dataset.class_names == ["cat", "dog", "eel"]
     assert dataset.num_classes == 3 and dataset.name == "someone/pets-test"
 
@@ -316,15 +324,15 @@ def test_hf_picks_image_and_label_columns(monkeypatch):
 
 
 def indexed_dataset(n: int, width: int = 4) -> ImageDataset:
-    """Image i is a left-to-right ramp scaled by i, so both its index and a flip show."""
-    ramp = torch.linspace(-1, 1, width)
-    images = (torch.arange(n).float()[:, None, None, None] + 1) / n * ramp.expand(n, 1, 2, width)
-    return ImageDataset(images.contiguous(), torch.arange(n) % 3, 3, ["a", "b", "c"], "ramps")
+    """Image i has the value i + 1 in its first column and 0 elsewhere, so both its index and a flip show."""
+    pixels = torch.zeros(n, 1, 2, width, dtype=torch.uint8)
+    pixels[:, :, :, 0] = (torch.arange(n) + 1)[:, None, None].to(torch.uint8)
+    return ImageDataset(pixels, torch.arange(n) % 3, 3, ["a", "b", "c"], "ramps")
 
 
 def recover_indices(dataset: ImageDataset, images: torch.Tensor) -> list[int]:
-    scale = images[:, 0, 0, -1].abs()  # (i + 1) / n at the ramp's end, flipped or not
-    return (scale * len(dataset)).round().long().sub(1).tolist()
+    value = images[:, 0, 0].amax(dim=-1)  # i + 1 at one end, flipped or not
+    return ((value + 1) * 127.5).round().long().sub(1).tolist()
 
 
 def test_every_sample_once_per_epoch():

@@ -82,3 +82,20 @@ def test_a_student_takes_the_same_steps_under_two_processes_and_resumes_exactly(
     run([*one[1:], "--out", str(tmp_path / "two"), "--train.batch_size=8", "--resume"], procs=2, command="distill")
     assert len(losses(tmp_path / "two")) == 6
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-6)
+
+
+def test_a_streamed_folder_under_two_processes_takes_the_steps_of_one_and_resumes_in_one(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(21):  # odd sizes: each process decodes, resizes and flips only its own rows
+        (tmp_path / "images" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (9 + i % 3, 11, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"c{i % 2}" / f"{i}.png")
+    data = ["--data", str(tmp_path / "images"), "--data.resolution=8", "--data.stream=true", "--data.hflip=true"]
+    run([*data, "--out", str(tmp_path / "one"), "--steps", "6", "--train.batch_size=8", "--data.workers=1"])
+    run([*data, "--out", str(tmp_path / "two"), "--steps", "3", "--train.batch_size=4", "--data.workers=1"], procs=2)
+    run([*data, "--out", str(tmp_path / "two"), "--steps", "6", "--resume", "--data.workers=0"])  # one process now
+    assert len(losses(tmp_path / "two")) == 6
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-6)

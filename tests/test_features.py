@@ -89,7 +89,7 @@ def test_classifier_reaches_95_percent_on_digits(digits_classifier):
 
 def test_classifier_features_are_batch_independent_and_probs_normalised(digits, digits_classifier):
     extractor, _ = digits_classifier
-    images = digits[1].images[:70]
+    images = digits[1].images()[:70]
     one = extractor.features(images, batch_size=1, progress=False)
     many = extractor.features(images, batch_size=64, progress=False)
     assert one.shape == (70, 128) and one.dtype == np.float64
@@ -122,7 +122,7 @@ def test_classifier_save_load_roundtrip_and_errors(tmp_path, digits, digits_clas
     assert config["class_names"] == [str(d) for d in range(10)]
     loaded = load_classifier(folder)
     assert loaded.weights_hash == extractor.weights_hash
-    images = digits[1].images[:16]
+    images = digits[1].images()[:16]
     np.testing.assert_array_equal(loaded.features(images, progress=False), extractor.features(images, progress=False))
     assert isinstance(get_extractor(f"classifier:{folder}"), ClassifierExtractor)
 
@@ -150,7 +150,7 @@ def test_classifier_reaches_95_percent_on_mnist_5k():
         train, steps=300, batch_size=64, widths=(16, 32, 64), test_dataset=test, progress=False
     )
     assert accuracy >= 0.95, accuracy  # measured 0.972 on the 1000 held-out digits, ~8 s on one free core
-    assert extractor.features(test.images[:4], progress=False).shape == (4, 128)
+    assert extractor.features(test.images()[:4], progress=False).shape == (4, 128)
 
 
 # ----------------------------------------------------------------------------- inception
@@ -276,7 +276,7 @@ def test_get_extractor_rejects_unknown_specs():
 
 def test_reference_stats_are_cached_by_their_settings(tmp_path, digits, digits_classifier, monkeypatch):
     extractor, _ = digits_classifier
-    images = digits[1].images
+    images = digits[1].images()
     first = reference_stats(extractor, images, dataset="digits", split="test", cache_dir=tmp_path, progress=False)
     assert first.feats.shape == (297, 128)
     assert first.meta["weights_hash"] == extractor.weights_hash and first.meta["n"] == 297

@@ -41,7 +41,7 @@ def losses(run_dir):
 
 def test_a_few_images_are_overfitted():
     torch.manual_seed(0)
-    x0 = load_dataset("digits").images[:4]
+    x0 = load_dataset("digits").images()[:4]
     D = Denoiser(NETS["unet-tiny"](in_channels=1, resolution=8), make("cosine"), "v")
     sigma = torch.tensor([0.3, 0.8, 1.5, 3.0])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))

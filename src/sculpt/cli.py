@@ -70,8 +70,42 @@ def _run_defaults(args: argparse.Namespace, config) -> None:
         args.spacing = config.train.sample_spacing or None
 
 
+FIELD_PREFIX = "config:"  # argparse dest of the generated --section.field options
+
+
+def _add_config_fields(parser: argparse.ArgumentParser) -> None:
+    """Every config field as an option, with its type, default and doc taken from sculpt.config's dataclasses.
+
+    The options only collect text; ``sculpt.config.override`` parses it into the field's type,
+    so the forms and the error messages are those of ``--section.field=value`` everywhere.
+    """
+    from .config import Config, describe_fields
+
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.json",
+        help="start from this saved config (e.g. another run's config.json); flags override it",
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for dotted, kind, default, doc in describe_fields(Config()):
+        if "." not in dotted:
+            continue  # task and out: the --task and --out flags
+        section = dotted.split(".")[0]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"--{section}.* config fields")
+        text = f"{doc} ({kind}, default {default!r})" if doc else f"({kind}, default {default!r})"
+        groups[section].add_argument(
+            f"--{dotted}",
+            dest=FIELD_PREFIX + dotted,
+            default=argparse.SUPPRESS,
+            metavar=kind.split(" ")[0].upper(),
+            help=text.replace("%", "%%"),
+        )
+
+
 def _resolved_config(args: argparse.Namespace, extra: list[str]):
-    from .config import Config, override
+    from .config import Config, load_config, override
 
     assignments = {}
     for flag, field in [
@@ -85,10 +119,16 @@ def _resolved_config(args: argparse.Namespace, extra: list[str]):
         value = getattr(args, flag, None)
         if value is not None:
             assignments[field] = str(value)
+    for name, value in vars(args).items():
+        if name.startswith(FIELD_PREFIX):
+            assignments[name[len(FIELD_PREFIX) :]] = value
     assignments.update(_split_overrides(extra))
     if assignments.get("task") == "autoencoder":  # an autoencoder run's default network is an autoencoder
         assignments.setdefault("model.net", "ae-f4")
-    return override(Config(), assignments)
+    path = getattr(args, "config", None)
+    if path is not None and not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such file (expected a config.json written by sculpt)")
+    return override(load_config(path) if path else Config(), assignments)
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -333,13 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train a model (default: a small UNet on the built-in 8x8 digits)",
-        description="Train a diffusion model. Any config field can be set with --section.field=value; "
-        "`sculpt config` prints them all.",
+        description="Train a diffusion model. Every config field below can be set with --section.field=value "
+        "(or --section.field value); `sculpt config` prints the resolved configuration.",
+        usage="sculpt train [--data SPEC] [--net NET] [--steps N] [--out DIR] [--resume] [--config FILE.json] "
+        "[--section.field=VALUE ...]",
+        allow_abbrev=False,  # --train.st must not silently mean --train.steps
     )
-    train.add_argument("--data", default=None, help="digits | mnist:PATH | cifar10:PATH | FOLDER | hf:NAME")
-    train.add_argument("--net", default=None, help="a preset from `sculpt nets`")
-    train.add_argument("--steps", type=int, default=None, help="training steps")
-    train.add_argument("--out", default=None, help="run folder (default runs/digits)")
+    train.add_argument(
+        "--data", default=None, help="data.name: digits | mnist:PATH | cifar10:PATH | FOLDER | FILE.tar | hf:NAME"
+    )
+    train.add_argument("--net", default=None, help="model.net: a preset from `sculpt nets`")
+    train.add_argument("--steps", type=int, default=None, help="train.steps: optimizer steps")
+    train.add_argument("--out", default=None, help="the run folder (default runs/digits)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument(
         "--task", default=None, choices=list(OBJECTIVES), help="the objective (default denoising; see sculpt distill)"
@@ -350,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AE",
         help="diffuse in the latent space of an autoencoder run folder (--task autoencoder) or diffusers:PATH",
     )
+    _add_config_fields(train)
     train.set_defaults(handler=_train)
 
     distill = commands.add_parser(
@@ -368,11 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--resume", action="store_true", help="continue the student in --out")
     distill.set_defaults(handler=_distill)
 
-    config = commands.add_parser("config", help="print the resolved default config (with any overrides)")
-    config.add_argument("--data", default=None)
-    config.add_argument("--net", default=None)
-    config.add_argument("--steps", type=int, default=None)
-    config.add_argument("--out", default=None)
+    config = commands.add_parser(
+        "config",
+        help="print the resolved default config (with any overrides)",
+        usage="sculpt config [--config FILE.json] [--section.field=VALUE ...]",
+        allow_abbrev=False,
+    )
+    config.add_argument("--data", default=None, help="data.name")
+    config.add_argument("--net", default=None, help="model.net")
+    config.add_argument("--steps", type=int, default=None, help="train.steps")
+    config.add_argument("--out", default=None, help="the run folder")
+    _add_config_fields(config)
     config.set_defaults(handler=_config)
 
     nets = commands.add_parser("nets", help="list network presets and their parameter counts")

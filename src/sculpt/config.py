@@ -18,10 +18,13 @@ from typing import Any, Union
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"  #: digits | mnist:PATH | fashion_mnist:PATH | cifar10:PATH | PATH | hf:NAME
+    name: str = "digits"  #: digits | mnist:PATH | fashion_mnist:PATH | cifar10:PATH | FOLDER | FILE.tar | hf:NAME
     resolution: int | None = None  #: None: the dataset's own size
     channels: int | None = None  #: None: the dataset's own channels
     hflip: bool = False  #: random horizontal flips (not for digits: a flipped 2 is no digit)
+    stream: bool | None = None  #: decode images from disk in worker processes; None: only sets over memory_gb
+    memory_gb: float = 2.0  #: folder / tar / hf sets up to this many GB of uint8 pixels are held in memory
+    workers: int | None = None  #: processes decoding streamed images; None: the usable cores less one, at most 8
 
 
 @dataclass(frozen=True)
@@ -38,24 +41,24 @@ class DiffusionConfig:
     prediction: str = "v"  #: eps | x0 | v | edm | cm (consistency models: f(x, sigma_min) = x)
     weighting: str = "min_snr"  #: none | min_snr | edm
     shift: float | None = None  #: sigma factor (resolution shift); None for none
-    zero_terminal_snr: bool = False
+    zero_terminal_snr: bool = False  #: rescale the schedule so the last step is pure noise (Lin et al. 2024)
     sigma_data: float = 0.5  #: data standard deviation assumed by the edm target
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 3000  #: optimizer steps
     time_limit: float = 0.0  #: stop after this many seconds of training (0: off), as if steps were reached
     batch_size: int = 128  #: per process; the effective batch is batch_size * world_size * grad_accum
     grad_accum: int = 1  #: micro-batches per optimizer step
-    lr: float = 2e-3
+    lr: float = 2e-3  #: AdamW learning rate (after warmup)
     warmup: int = 100  #: linear learning-rate warmup steps
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  #: AdamW decoupled weight decay
     grad_clip: float = 1.0  #: max global gradient norm (0: off)
     ema_power: float = 0.75  #: EMA decay 1 - (1 + step)^-power (Karras et al.'s power schedule)
     ema_max: float = 0.9995  #: cap on the EMA decay
     label_dropout: float = 0.1  #: with class_cond, drop labels to the null class (for guidance)
-    seed: int = 0
+    seed: int = 0  #: seeds the weights, the batch order, the noise and the dropout masks
     precision: str = "fp32"  #: fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
     compile: bool = False  #: torch.compile the network
     channels_last: bool = False  #: NHWC memory format (faster convolutions on GPUs and some CPUs)
@@ -64,7 +67,7 @@ class TrainConfig:
     log_every: int = 10  #: steps between log.jsonl lines (mean loss over the interval)
     sample_every: int = 1000  #: steps between sample grids (EMA weights, fixed noise); 0: off
     checkpoint_every: int = 500  #: steps between checkpoints; 0: only at the end / on interrupt
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  #: newest checkpoints kept on disk
     num_samples: int = 64  #: images in each sample grid
     sampler: str = "dpmpp_2m"  #: sampler for the grids, and the run's default for sculpt sample / eval
     sample_steps: int = 20  #: steps for the grids, and the run's default for sculpt sample / eval
@@ -72,6 +75,7 @@ class TrainConfig:
     eval_every: int = 0  #: steps between small-n FID checks logged to log.jsonl (0: off)
     eval_n: int = 500  #: samples per training-time FID (small: biased upward, only for watching trends)
     eval_features: str = ""  #: classifier:DIR | inception:PATH; empty: fit a classifier on the data once
+    tracker: str = ""  #: also send the log to: tensorboard | wandb (optional packages); empty: log.jsonl only
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,9 @@ class ECTConfig:
     start_stage: int = 1  #: stage 0 is plain denoising (r = 0), which the teacher already solved
     q: float = 2.0  #: each stage shrinks t - r by this factor: r = t (1 - q^-stage n(t))
     k: float = 8.0  #: n(t) = 1 + k sigmoid(-b t): small t gets r = 0 (denoising) for longer
-    b: float = 1.0
+    b: float = 1.0  #: the slope of n(t)'s sigmoid
     p_mean: float = -1.1  #: ln t ~ N(p_mean, p_std^2), clamped to the schedule's range
-    p_std: float = 2.0
+    p_std: float = 2.0  #: standard deviation of ln t
     metric: str = "huber"  #: huber: sqrt(|d|^2 + c^2) - c on the vector norm (adaptive weight); l2: mean squared
     huber_c: float = 0.0  #: the pseudo-Huber constant (0: the plain norm, the paper's ImageNet setting)
     weighting: str = "edm"  #: edm: 1/t^2 + 1/sigma_data^2 (the paper's SNR + k); inverse_dt: 1 / (t - r)
@@ -97,7 +101,7 @@ class ICTConfig:
     s0: int = 10  #: discretisation steps at the start of the curriculum
     s1: int = 1280  #: ... and their cap; doubled every steps / (log2(s1 / s0) + 1) training steps
     p_mean: float = -1.1  #: log-normal draw of the noise index (its discretised form)
-    p_std: float = 2.0
+    p_std: float = 2.0  #: ... and its standard deviation
     rho: float = 7.0  #: Karras grid exponent
     huber_c: float = 0.0  #: pseudo-Huber constant; 0: 0.00054 sqrt(dimensions), as the paper
 
@@ -130,7 +134,7 @@ class AutoencoderConfig:
     disc_start: int = 0  #: the step the discriminator and its loss start at (LDM starts late)
     disc_lr: float = 0.0  #: the discriminator's Adam learning rate (0: train.lr)
     disc_channels: int = 64  #: width of its first layer
-    disc_layers: int = 3
+    disc_layers: int = 3  #: strided downsampling layers of the patch discriminator (its receptive field)
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
-    out: str = "runs/digits"
+    out: str = "runs/digits"  #: the run folder
 
 
 def to_dict(config: Any) -> dict:
@@ -266,3 +270,37 @@ def _set(obj: Any, path: list[str], text: str, dotted: str) -> Any:
 def load_config(path: str) -> Config:
     with open(path) as handle:
         return from_dict(Config, json.load(handle))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The ``#:`` comment after each field of a config dataclass, read from its source (one copy of the docs)."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (a frozen application): the help shows names and types only
+        return {}
+    pattern = re.compile(r"^\s+(\w+)\s*:[^#]*#:\s*(.*?)\s*$")
+    return {m.group(1): m.group(2) for line in source.splitlines() if (m := pattern.match(line))}
+
+
+def describe_fields(config: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted name, type, value, doc) of every leaf field of a (nested) config, in declaration order."""
+    hints, docs = typing.get_type_hints(type(config)), field_docs(type(config))
+    rows = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            rows += describe_fields(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, type_label(hints[f.name]), value, docs.get(f.name, "")))
+    return rows
+
+
+def type_label(kind: Any) -> str:
+    """``int | None`` for Optional[int], ``dict`` for dict, ``float`` for float: what a user types."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else type_label(a) for a in args)
+    return _type_name(origin or kind)

@@ -123,7 +123,7 @@ def default_extractor(run_dir: Path, dataset: Any, spec: str, *, progress: bool 
 
     print(f"fitting a domain classifier on {dataset.name} (once; saved in {folder}) ...", flush=True)
     try:
-        test = load_dataset(spec, resolution=dataset.images.shape[-1], channels=dataset.images.shape[1], split="test")
+        test = load_dataset(spec, resolution=dataset.shape[-1], channels=dataset.shape[0], split="test")
     except (ValueError, FileNotFoundError):
         test = None  # folders have no test split: no held-out accuracy to report
     extractor, accuracy = train_classifier(dataset, test_dataset=test, progress=progress)
@@ -160,7 +160,7 @@ def prepare(
         extractor = default_extractor(run_dir, dataset, config.data.name, progress=progress)
     reference = reference_stats(
         extractor,
-        dataset.images,
+        dataset.images(),
         dataset=config.data.name,
         split=split,
         cache_dir=run_dir / "features" / "reference",
@@ -318,7 +318,7 @@ def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu", pil
         split = "test"
     except (ValueError, FileNotFoundError):
         data, split = ctx.dataset, "train"
-    count = min(n, len(data.images))
+    count = min(n, len(data))
     pilot_n = min(pilot_n, count)
     conditional = bool(ctx.config.model.num_classes)
 
@@ -333,11 +333,11 @@ def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu", pil
     sigma_min = candidates[0]
     if len(candidates) > 1:
         # The pilot images follow the scored ones; a set too small for both reuses the first images.
-        disjoint = len(data.images) >= count + pilot_n
-        pilot = slice(count, count + pilot_n) if disjoint else slice(0, min(pilot_n, len(data.images)))
+        disjoint = len(data) >= count + pilot_n
+        pilot = slice(count, count + pilot_n) if disjoint else slice(0, min(pilot_n, len(data)))
         choice = choose_sigma_min(
             ctx.denoiser,
-            data.images[pilot].to(device),
+            data.images(pilot).to(device),
             sigma_max=sigma_max,
             candidates=candidates,
             seed=seed + 1,
@@ -348,7 +348,7 @@ def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu", pil
         choice_record = {**choice.as_record(), "pilot_disjoint": disjoint}
     result = bpd_ode(
         ctx.denoiser,
-        data.images[:count].to(device),
+        data.images(slice(0, count)).to(device),
         sigma_min=sigma_min,
         sigma_max=sigma_max,
         generator=torch.Generator().manual_seed(seed),
@@ -484,7 +484,7 @@ def evaluate_sets(
         )
     extractor = get_extractor(features, device=device)
     real_path = Path(real)
-    real_images = load_images(real_path) if real_path.suffix == ".npz" else load_dataset(real).images
+    real_images = load_images(real_path) if real_path.suffix == ".npz" else load_dataset(real).images()
     fake_images = load_images(Path(fake))
     started = time.perf_counter()
     real_features = extractor.features(real_images, progress=progress)

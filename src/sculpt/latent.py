@@ -132,8 +132,18 @@ def build_autoencoder(config: Config) -> Autoencoder:
     return factory(in_channels=config.data.channels, resolution=config.data.resolution, **config.model.net_options)
 
 
+def _rows(images: Tensor | ImageDataset, start: int, stop: int) -> Tensor:
+    """Float images start:stop of a tensor or a dataset (read a batch at a time, never the whole set)."""
+    return images.images(slice(start, stop)) if callable(getattr(images, "images", None)) else images[start:stop]
+
+
 def latent_moments(
-    encode, images: Tensor, *, batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = False
+    encode,
+    images: Tensor | ImageDataset,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> tuple[float, float]:
     """(mean, std) of ``encode(images)`` over every latent value, accumulated in float64."""
     from tqdm.auto import tqdm
@@ -143,7 +153,7 @@ def latent_moments(
     bar = tqdm(total=len(images), desc="latent scale", unit="img", disable=not progress, leave=False)
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            z = encode(images[start : start + batch_size].to(device)).double()
+            z = encode(_rows(images, start, start + batch_size).to(device)).double()
             total += float(z.sum())
             total_sq += float(z.square().sum())
             count += z.numel()
@@ -170,7 +180,7 @@ def write_latent_scale(
     run_dir = Path(run_dir)
     was_training = net.training
     net.eval()
-    mean, std = latent_moments(lambda x: net.encode(x)[0], dataset.images, device=device, progress=progress)
+    mean, std = latent_moments(lambda x: net.encode(x)[0], dataset, device=device, progress=progress)
     net.train(was_training)
     if std == 0:
         raise ValueError(f"the autoencoder in {run_dir} maps every image to the same latent; it cannot be scaled")
@@ -337,14 +347,15 @@ def resolve_latent(config: Config, codec: Codec) -> Config:
 def _fingerprint(dataset: ImageDataset) -> str:
     """sha256 (16 hex digits) of a dataset's pixels and labels: a changed dataset is a different key."""
     digest = hashlib.sha256()
-    digest.update(str(tuple(dataset.images.shape)).encode())
-    digest.update(dataset.images.contiguous().numpy().tobytes())
+    digest.update(str((len(dataset), *dataset.shape)).encode())
+    for start in range(0, len(dataset), 1024):
+        digest.update(_rows(dataset, start, start + 1024).contiguous().numpy().tobytes())
     digest.update(dataset.labels.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 def _cache_key(codec: Codec, dataset: ImageDataset, spec: str, hflip: bool) -> dict:
-    _, channels, height, width = dataset.images.shape
+    channels, height, width = dataset.shape
     return {
         "format": CACHE_FORMAT,
         "autoencoder": codec.name,
@@ -362,7 +373,7 @@ def _cache_key(codec: Codec, dataset: ImageDataset, spec: str, hflip: bool) -> d
 
 def _cache_folder(cache_dir: Path, spec: str, dataset: ImageDataset, hflip: bool) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", spec).strip("_")[-60:] or "data"
-    _, channels, height, _ = dataset.images.shape
+    channels, height, _ = dataset.shape
     return cache_dir / f"{slug}_{height}px_{channels}c{'_flip' if hflip else ''}"
 
 
@@ -407,7 +418,7 @@ def latent_dataset(
     cached = _read_cache(folder, key)
     if cached is None:
         codec.to(device)
-        images = dataset.images
+        images = dataset
         orientations = [False, True] if hflip else [False]
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -425,7 +436,7 @@ def latent_dataset(
 
         for flipped in orientations:
             for start in range(0, len(images), batch_size):
-                x = images[start : start + batch_size]
+                x = _rows(images, start, start + batch_size)
                 x = x.flip(-1) if flipped else x
                 pending.append(codec.encode(x.to(device)).float().cpu().contiguous())
                 pending_labels.append(dataset.labels[start : start + batch_size])

@@ -99,7 +99,7 @@ def build_model(config: Config) -> Denoiser | AutoencoderModel:
 
 def resolve(config: Config, dataset: ImageDataset) -> Config:
     """Fill in what the data decides: resolution, channels and number of classes."""
-    _, channels, height, width = dataset.images.shape
+    channels, height, width = dataset.shape
     num_classes = dataset.num_classes if config.model.class_cond else 0
     if config.model.class_cond and num_classes == 0:
         raise ValueError(f"model.class_cond is set but dataset {config.data.name!r} has no labels")

@@ -22,12 +22,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import config as cfg
 from .config import Config
-from .data import ImageDataset, batches, load_dataset
+from .data import AnyDataset, StreamingDataset, batches, load_dataset
 from .denoiser import Denoiser
 from .evaluate import default_extractor
 from .images import save_grid
@@ -50,6 +51,7 @@ from .run import (
 )
 from .runtime import autocast, tune_cpu_allocator
 from .samplers import generate, sample
+from .trackers import TRACKERS, make_tracker
 
 __all__ = ["train", "make_optimizer", "Interrupted", "World"]
 
@@ -171,6 +173,10 @@ def _check_config(config: Config) -> None:
         raise ValueError(f"train.grad_accum must be >= 1 (got {t.grad_accum})")
     if t.log_every < 1 or t.sample_every < 0 or t.checkpoint_every < 0:
         raise ValueError("train.log_every must be >= 1; sample_every and checkpoint_every >= 0")
+    if t.tracker not in TRACKERS:
+        raise ValueError(f"train.tracker must be one of {', '.join(repr(k) for k in TRACKERS)} (got {t.tracker!r})")
+    if config.data.workers is not None and config.data.workers < 0:
+        raise ValueError(f"data.workers must be >= 0, or None for the default (got {config.data.workers})")
 
 
 def _sample_grid(ema_denoiser: Denoiser, config: Config, noise: Tensor, labels: Tensor | None, path: Path) -> None:
@@ -204,7 +210,7 @@ def _reconstruction_grid(ema: torch.nn.Module, config: Config, images: Tensor, p
     save_grid(path, pairs.cpu(), nrow=2 * max(1, int(len(images) ** 0.5)), scale=scale)
 
 
-def _latent_data(config: Config, dataset: ImageDataset, run_dir: Path, world: World, resume: bool, progress: bool):
+def _latent_data(config: Config, dataset: AnyDataset, run_dir: Path, world: World, resume: bool, progress: bool):
     """A latent run's codec, its resolved config and the dataset's latents (encoded once into the cache)."""
     if not resume and world.main and run_dir.exists() and any(run_dir.glob("*.safetensors")):
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -237,12 +243,41 @@ def make_optimizer(params, lr: float, weight_decay: float = 0.0) -> torch.optim.
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _my_slice(draws: dict[str, Tensor], world: World, batch_size: int, device: torch.device, channels_last: bool):
-    """This process's rows of a step's global draws, on the device (float64 noise levels stay on the host)."""
+def _global_images(images: Tensor, labels: Tensor) -> Tensor:
+    """What an objective's draw sees as the step's images: the global batch's shape, only this process's pixels.
+
+    With one process that is the batch itself; with several, a zero-stride stand-in of the
+    global shape (no memory), which every objective passes through unchanged as "x0" and
+    which ``_my_slice`` replaces by this process's images.
+    """
+    if images.shape[0] == labels.shape[0]:
+        return images
+    return images.new_zeros(()).expand(labels.shape[0], *images.shape[1:])
+
+
+def _my_slice(
+    draws: dict[str, Tensor],
+    stand_in: Tensor,
+    images: Tensor,
+    world: World,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool,
+):
+    """This process's rows of a step's global draws, on the device (float64 noise levels stay on the host).
+
+    ``stand_in`` is what the draw was given as the images (``_global_images``); this process's
+    rows of it are ``images``, read by this process alone.
+    """
     mine = slice(world.rank * batch_size, (world.rank + 1) * batch_size)
+    if stand_in is not images and not any(value is stand_in for value in draws.values()):
+        raise ValueError(
+            "this objective changes the images in draw(); under several processes each holds only its own "
+            "rows of them, so draw() must pass the images through unchanged (do the transform in loss())"
+        )
     batch = {}
     for name, value in draws.items():
-        value = value[mine]
+        value = images if value is stand_in else value[mine]
         if value.dtype != torch.float64:
             if device.type == "cuda":  # page-locked, so the copy overlaps the GPU's work
                 value = value.pin_memory()
@@ -253,16 +288,28 @@ def _my_slice(draws: dict[str, Tensor], world: World, batch_size: int, device: t
     return batch
 
 
-def _training_state(optimizer, scaler, step: int, noise_generator, stream, world: World, objective: Objective) -> dict:
+def _network_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of the network's own randomness (dropout) for one process at one step.
+
+    A pure function of (seed, rank, step), so a resumed run draws the masks it would have
+    drawn, on every process and every device, without saving RNG states; each process
+    draws its own masks (one seed for all would give every process the same masks).
+    """
+    return int(np.random.SeedSequence((seed, rank, step, 0x5EED)).generate_state(1, dtype=np.uint64)[0])
+
+
+def _training_state(
+    optimizer, scaler, step: int, noise_generator, stream, world: World, window: dict, objective: Objective
+) -> dict:
     return {
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "step": step,
         "noise_rng": noise_generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
         "data": stream.state_dict(),
         "world_size": world.size,
         "objective": objective.state_dict(),
+        "log_window": window,  # the log interval in progress, so the next log line is the uninterrupted one
     }
 
 
@@ -272,7 +319,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     device: str | torch.device | None = None,
-    dataset: ImageDataset | None = None,
+    dataset: AnyDataset | None = None,
 ) -> Path:
     """Train the config's objective (``task``, default denoising); returns the run folder.
 
@@ -295,13 +342,31 @@ def train(
         checkpoint = found[-1]
         saved = read_config(run_dir)
         config = replace(saved, train=replace(saved.train, steps=config.train.steps), out=config.out)
+        if saved.train.world_size != world.size:  # keep the global batch, so the steps are the ones it would take
+            global_batch = saved.train.batch_size * saved.train.world_size
+            if global_batch % world.size:
+                raise ValueError(
+                    f"--resume: the run's global batch of {global_batch} does not split over {world.size} processes; "
+                    f"resume it under a number of processes that divides {global_batch}"
+                )
+            config = replace(config, train=replace(config.train, batch_size=global_batch // world.size))
     _check_config(config)
     if config.distill.teacher and not config.distill.teacher_sha256:  # a student started by hand (--task)
         config = replace(
             config, distill=replace(config.distill, teacher_sha256=check_teacher(config.distill.teacher)[1])
         )
     if dataset is None:
-        dataset = load_dataset(config.data.name, resolution=config.data.resolution, channels=config.data.channels)
+        d = config.data
+        dataset = load_dataset(
+            d.name,
+            resolution=d.resolution,
+            channels=d.channels,
+            labels_from_folders=True if config.model.class_cond else None,  # labels only matter when conditioning
+            stream=d.stream,
+            memory_limit=int(d.memory_gb * (1 << 30)),
+            workers=d.workers,
+            progress=progress and world.main,
+        )
     config = resolve(config, dataset)
     pixels, codec = dataset, None  # a latent run trains on latents and scores decoded pixels
     if config.latent.autoencoder:
@@ -335,9 +400,18 @@ def train(
     # and the objective's same global draws, and keeps its own slice: so the run is the same whatever
     # the number of processes, and a checkpoint resumes under any other number.
     global_batch = t.batch_size * world.size
-    hflip = config.data.hflip and codec is None  # a latent cache holds the mirrored images' own latents
-    stream = batches(dataset, global_batch, generator=torch.Generator().manual_seed(t.seed), hflip=hflip)
+    # Each process reads (and, from disk, decodes) only its own rows of every global batch.
+    stream = batches(
+        dataset,
+        global_batch,
+        generator=torch.Generator().manual_seed(t.seed),
+        hflip=config.data.hflip and codec is None,  # a latent cache holds the mirrored images' own latents
+        rank=world.rank,
+        world_size=world.size,
+        workers=config.data.workers,
+    )
     step = 0
+    window = {"loss": 0.0, "steps": 0, "seconds": 0.0}  # the log interval in progress
 
     # -- set-up: the run folder, or the checkpoint to resume -------------------------------
     if checkpoint is not None:
@@ -349,10 +423,11 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         noise_generator.set_state(state["noise_rng"])
-        torch.set_rng_state(state["torch_rng"])
         stream.load_state_dict(state["data"])
         objective.load_state_dict(state.get("objective", {}))
         step = int(state["step"])
+        window = state.get("log_window", window)
+        stream.unreadable = window.get("unreadable", 0) if world.main else 0
         if world.main:
             _truncate_log(run_dir / "log.jsonl", step)
     elif world.main:
@@ -375,20 +450,23 @@ def train(
     model.net = wrapped
 
     fixed = torch.Generator().manual_seed(t.seed + 2)
-    grid_noise = torch.randn((t.num_samples, *dataset.images.shape[1:]), generator=fixed).to(device)
+    grid_noise = torch.randn((t.num_samples, *dataset.shape), generator=fixed).to(device)
     if isinstance(model, AutoencoderModel):  # an autoencoder's grid reconstructs fixed training images
-        grid_noise = dataset.images[torch.randperm(len(dataset), generator=fixed)[: t.num_samples]].to(device)
+        grid_noise = dataset.images(torch.randperm(len(dataset), generator=fixed)[: t.num_samples]).to(device)
     num_classes = config.model.num_classes
     grid_labels = (torch.arange(t.num_samples) % num_classes).to(device) if num_classes else None
     watching = world.main and t.eval_every and not isinstance(model, AutoencoderModel)
     watcher = _TrainingFID(config, pixels, run_dir, device) if watching else None
+    tracker = make_tracker(t.tracker, run_dir, config, start_step=step) if world.main and t.tracker else None
 
     net.train()
     params = list(net.parameters())
     ema_params = list(ema.parameters())
     log_path = run_dir / "log.jsonl"
-    window_loss = torch.zeros((), device=device)
-    window_steps, window_start = 0, time.perf_counter()
+    # A checkpoint carries the interval in progress (its loss summed over steps, averaged over processes).
+    window_loss = torch.full((), float(window["loss"]), device=device)
+    window_steps, window_start = int(window["steps"]), time.perf_counter() - float(window["seconds"])
+    streamed = isinstance(dataset, StreamingDataset)
     bar = tqdm(total=t.steps, initial=step, disable=not (progress and world.main), unit="step", dynamic_ncols=True)
     with _stop_on_signals() as stop:
         started = time.perf_counter()
@@ -396,13 +474,15 @@ def train(
         while not last:
             # -- one optimizer step ---------------------------------------------------------
             objective.begin_step(step, net, ema)
+            torch.manual_seed(_network_seed(t.seed, world.rank, step))  # dropout: this process's masks, this step
             for group in optimizer.param_groups:
                 group["lr"] = t.lr * min(1.0, (step + 1) / max(t.warmup, 1))
             optimizer.zero_grad(set_to_none=True)
             for micro in range(t.grad_accum):
-                images, labels = next(stream)
-                draws = objective.draw(images, labels, noise_generator, step)
-                batch = _my_slice(draws, world, t.batch_size, device, t.channels_last)
+                images, labels = next(stream)  # this process's rows of the images; the global batch's labels
+                stand_in = _global_images(images, labels)
+                draws = objective.draw(stand_in, labels, noise_generator, step)
+                batch = _my_slice(draws, stand_in, images, world, t.batch_size, device, t.channels_last)
                 # gradients are averaged across processes only on the last micro-batch
                 sync = world.size == 1 or micro == t.grad_accum - 1
                 with autocast(device, t.precision), nullcontext() if sync else wrapped.no_sync():
@@ -424,8 +504,8 @@ def train(
             last = step >= t.steps or over_time
             window_steps += 1
 
-            # -- log ------------------------------------------------------------------------
-            if step % t.log_every == 0 or last or stopping:
+            # -- log (an interrupted interval is finished after --resume, from the checkpoint) ---
+            if step % t.log_every == 0 or last:
                 mean_loss = world.mean(window_loss / window_steps)  # the one host sync per log interval
                 if not math.isfinite(mean_loss):
                     found = complete_checkpoints(run_dir)
@@ -443,9 +523,14 @@ def train(
                     "img_per_s": window_steps * global_batch * t.grad_accum / elapsed,
                     **objective.record(step - 1),
                 }
+                if streamed:  # files that could not be read since the start: skipped, never a crash
+                    unreadable = torch.tensor(float(stream.unreadable), device=device)
+                    record["unreadable"] = round(world.mean(unreadable) * world.size)
                 if world.main:
                     with log_path.open("a") as handle:
                         handle.write(json.dumps(record) + "\n")
+                    if tracker is not None:
+                        tracker.log(record)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['img_per_s']:.0f}")
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
@@ -453,27 +538,46 @@ def train(
 
             # -- samples, small-n FID, checkpoint ---------------------------------------------
             if world.main and t.sample_every and step % t.sample_every == 0 and not last:
-                _sample_grid(
-                    ema_denoiser, config, grid_noise, grid_labels, run_dir / "samples" / f"step_{step:06d}.png"
-                )
+                grid_path = run_dir / "samples" / f"step_{step:06d}.png"
+                _sample_grid(ema_denoiser, config, grid_noise, grid_labels, grid_path)
+                if tracker is not None:
+                    tracker.image("samples", grid_path, step)
             if watcher is not None and step % t.eval_every == 0:
+                scores = watcher(ema_denoiser, step)
                 with log_path.open("a") as handle:
-                    handle.write(json.dumps({"step": step, "eval": watcher(ema_denoiser, step)}) + "\n")
+                    handle.write(json.dumps({"step": step, "eval": scores}) + "\n")
+                if tracker is not None:
+                    tracker.log({"step": step, "eval": scores})
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or last or stopping:
+                window = {
+                    "loss": world.mean(window_loss),  # every process takes part: a collective
+                    "steps": window_steps,
+                    "seconds": time.perf_counter() - window_start,
+                    "unreadable": round(world.mean(torch.tensor(float(stream.unreadable), device=device)) * world.size)
+                    if streamed
+                    else 0,
+                }
                 if world.main:
-                    state = _training_state(optimizer, scaler, step, noise_generator, stream, world, objective)
+                    state = _training_state(optimizer, scaler, step, noise_generator, stream, world, window, objective)
                     save_checkpoint(
                         run_dir, step, net, ema, state, config, frozen=objective.frozen(), keep=t.keep_checkpoints
                     )
                 world.barrier()
             if stopping and not last:
                 bar.close()
+                stream.close()
+                if tracker is not None:
+                    tracker.close()
                 raise Interrupted(step, run_dir)
     bar.close()
+    stream.close()
     if world.main:
         _sample_grid(ema_denoiser, config, grid_noise, grid_labels, run_dir / "samples" / "final.png")
         _plot_log(run_dir)
         objective.finish(run_dir, ema, dataset, device)
+        if tracker is not None:
+            tracker.image("samples", run_dir / "samples" / "final.png", step)
+            tracker.close()
     return run_dir
 
 
@@ -485,18 +589,30 @@ def _ema_model(model, ema: torch.nn.Module, codec: Codec | None):
     return LatentDenoiser(denoiser, codec) if codec is not None else denoiser
 
 
+REFERENCE_MAX = 10_000  # training images a streamed set's training-time FID is measured against
+
+
 class _TrainingFID:
     """FID at small n during training, against the training data, clearly labelled as such."""
 
-    def __init__(self, config: Config, dataset: ImageDataset, run_dir: Path, device: torch.device):
+    def __init__(self, config: Config, dataset: AnyDataset, run_dir: Path, device: torch.device):
         t = config.train
         if t.eval_features:
             self.extractor = get_extractor(t.eval_features, device=device)
+        elif isinstance(dataset, StreamingDataset):
+            raise ValueError(
+                f"train.eval_every on a dataset streamed from disk ({dataset.name}, {len(dataset)} images) needs "
+                "--train.eval_features=inception:PATH or classifier:DIR (fitting a classifier needs it in memory)"
+            )
         else:
             self.extractor = default_extractor(run_dir, dataset, config.data.name, progress=False)
+        # The reference: every image of an in-memory set, a fixed spread of REFERENCE_MAX of a streamed one.
+        rows = None
+        if isinstance(dataset, StreamingDataset) and len(dataset) > REFERENCE_MAX:
+            rows = torch.linspace(0, len(dataset) - 1, REFERENCE_MAX).long()
         self.reference = reference_stats(
             self.extractor,
-            dataset.images,
+            dataset.images(rows),
             dataset=config.data.name,
             split="train",
             cache_dir=run_dir / "features" / "reference",

@@ -197,7 +197,7 @@ def _random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tens
 
 
 def _accuracy(extractor: ClassifierExtractor, dataset: ImageDataset, batch_size: int) -> float:
-    probs = extractor.probs(dataset.images, batch_size=batch_size, progress=False)
+    probs = extractor.probs(dataset.images(), batch_size=batch_size, progress=False)
     return float((probs.argmax(axis=1) == dataset.labels.numpy()).mean())
 
 
@@ -230,9 +230,9 @@ def train_classifier(
             f"dataset {dataset.name!r} has {dataset.num_classes} classes; a classifier needs labels "
             "of at least 2 classes (for unlabelled data use the inception extractor)"
         )
-    resolution = resolution or dataset.images.shape[-1]
+    resolution = resolution or dataset.shape[-1]
     config = {
-        "in_channels": dataset.images.shape[1],
+        "in_channels": dataset.shape[0],
         "resolution": resolution,
         "num_classes": dataset.num_classes,
         "widths": list(widths),
@@ -245,7 +245,7 @@ def train_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         extractor = ClassifierExtractor(config).to(device)
-    inputs = extractor.normalise(preprocess(dataset.images, resolution, config["in_channels"])).to(device)
+    inputs = extractor.normalise(preprocess(dataset.images(), resolution, config["in_channels"])).to(device)
     labels = dataset.labels.to(device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(extractor.parameters(), lr=lr, weight_decay=weight_decay)
