@@ -287,6 +287,22 @@ def test_scheduler_configs_sculpt_cannot_express_are_refused(config, message):
         schedule_from_config(config)
 
 
+@pytest.mark.slow
+def test_a_diffusers_model_teaches_a_student(ddpm_folder, tmp_path):
+    spec = PREFIX + str(ddpm_folder)
+    out = tmp_path / "ect"
+    args = ["distill", spec, "--method", "ect", "--out", str(out), "--steps", "2", "--train.batch_size=8",
+            "--train.sample_every=0", "--train.num_samples=4"]
+    assert main(args) == 2  # no --data: a diffusers folder does not say what it was trained on
+    assert main([*args, "--data", "digits"]) == 0
+    student, config = load(out)
+    assert config.distill.teacher == spec and config.distill.teacher_sha256 == check_teacher(spec)[1]
+    start = from_diffusers(ddpm_folder).net.state_dict()
+    ends = student.net.state_dict()
+    assert ends.keys() == start.keys() and any(not torch.equal(ends[k], start[k]) for k in start)  # it trained
+    assert sample(student, (2, *SHAPE), sampler="consistency", steps=2).shape == (2, *SHAPE)
+
+
 # -- out --------------------------------------------------------------------------------------
 
 

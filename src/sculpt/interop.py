@@ -404,7 +404,9 @@ def _load_model(source: _Source) -> nn.Module:
     cls = getattr(diffusers, source.model_class)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # diffusers warns about config keys of other versions
-        model = cls.from_pretrained(str(source.model_dir), local_files_only=True, torch_dtype=torch.float32)
+        model = cls.from_pretrained(
+            str(source.model_dir), local_files_only=True, torch_dtype=torch.float32, low_cpu_mem_usage=False
+        )
     return model.float().eval()
 
 
