@@ -349,6 +349,18 @@ def test_export_then_from_pretrained_gives_the_runs_outputs(tmp_path, overrides)
     assert torch.allclose(again.schedule.sigmas[:-1], D.schedule.sigmas[:-1], rtol=1e-3)
 
 
+def test_a_class_conditional_unet_exports_with_its_null_class_last(tmp_path):
+    run = _sculpt_run(tmp_path / "run", **{"model.class_cond": "true", "model.num_classes": "3"})
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 0
+    D, _ = load(run)
+    unet = diffusers.UNet2DModel.from_pretrained(str(tmp_path / "out" / "unet")).eval()
+    assert unet.config.num_class_embeds == 4
+    x, t, labels = torch.randn(3, *SHAPE), torch.tensor([1.0, 400.0, 998.0]), torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        ours, theirs = D.net.eval()(x, t, class_labels=labels), unet(x, t, class_labels=labels).sample
+    assert (ours - theirs).abs().max() < 1e-5 * max(1.0, ours.abs().max().item())
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
