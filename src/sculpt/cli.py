@@ -299,7 +299,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         if not args.run:
             raise ValueError("give a run folder (sculpt eval RUN) or two image sets (--real ... --fake ...)")
-        ctx = ev.prepare(args.run, features=args.features, split=args.split, device=device)
+        ctx = ev.prepare(args.run, features=args.features, split=args.split, device=device, data=args.data)
         _run_defaults(args, ctx.config)
         if args.sweep:
             grid = ev.parse_sweep(args.sweep)
@@ -339,6 +339,18 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
         for name, value in record["scores"].items():
             print(f"{name}: {json.dumps(value, default=float)}")
     print(f"wrote {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace, extra: list[str]) -> int:
+    from .interop import export_diffusers
+    from .run import load
+
+    if extra:
+        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+    denoiser, config = load(args.run, ema=not args.raw)
+    out = export_diffusers(denoiser, config, args.out)
+    print(f"wrote {out}: a DDPMPipeline (DDPMPipeline.from_pretrained({str(out)!r}) loads and samples it)")
     return 0
 
 
@@ -405,11 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
         "weights; ict trains a consistency model from scratch (on RUN's data and network when given). "
         "Any config field can be set with --section.field=value (sections ect, ict, pd, train).",
     )
-    distill.add_argument("run", nargs="?", default=None, help="the teacher: a run folder written by `sculpt train`")
+    distill.add_argument(
+        "run", nargs="?", default=None, help="the teacher: a run folder written by `sculpt train`, or diffusers:PATH"
+    )
     distill.add_argument("--method", required=True, choices=["ect", "ict", "pd"])
     distill.add_argument("--out", required=True, help="the student's run folder")
     distill.add_argument("--steps", type=int, default=None, help="training steps (pd: pd.rounds * pd.round_steps)")
-    distill.add_argument("--data", default=None, help="ict without a teacher: the dataset")
+    distill.add_argument("--data", default=None, help="ict without a teacher, or a diffusers teacher: the dataset")
     distill.add_argument("--net", default=None, help="ict without a teacher: the network preset")
     distill.add_argument("--resume", action="store_true", help="continue the student in --out")
     distill.set_defaults(handler=_distill)
@@ -433,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     nets.set_defaults(handler=_nets)
 
     sample = commands.add_parser("sample", help="draw samples from a trained run")
-    sample.add_argument("run", help="run folder written by `sculpt train`")
+    sample.add_argument("run", help="run folder written by `sculpt train`, or diffusers:PATH (save_pretrained's)")
     sample.add_argument(
         "--sampler", default=None, choices=list(SAMPLERS), help="default: the run's own (train.sampler)"
     )
@@ -458,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample from a run's EMA model and score it against its dataset, writing every setting "
         "beside every number (eval.json).",
     )
-    evaluate.add_argument("run", nargs="?", default=None, help="run folder written by `sculpt train`")
+    evaluate.add_argument(
+        "run", nargs="?", default=None, help="run folder written by `sculpt train`, or diffusers:PATH"
+    )
     evaluate.add_argument("--metrics", default="fid,kid,pr", help="comma list of fid,kid,is,pr,fid_inf,bpd")
     evaluate.add_argument("-n", "--n", type=int, default=10_000, help="samples to draw")
     evaluate.add_argument(
@@ -481,12 +497,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps=5,10,20 and/or sampler=ddim,heun: a quality-vs-NFE table and plot",
     )
     evaluate.add_argument("--plot", default=None, help="sweep plot path (default RUN/eval_sweep.png)")
+    evaluate.add_argument(
+        "--data", default=None, help="reference dataset (default: the run's own; needed for diffusers:PATH)"
+    )
     evaluate.add_argument("--real", default=None, help="a dataset spec, folder or .npz of real images")
     evaluate.add_argument("--fake", default=None, help="a folder or .npz of generated images")
     evaluate.add_argument("--out", default=None, help="where to write the record (default RUN/eval.json)")
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast for sampling")
     evaluate.set_defaults(handler=_eval)
+
+    export = commands.add_parser(
+        "export",
+        help="write a run in another library's format (diffusers: a DDPMPipeline folder)",
+        description="Write a run's EMA weights as a diffusers DDPMPipeline folder (unet/ with UNet2DModel weights, "
+        "scheduler/ with a DDPMScheduler meaning the same schedule and target). Needs pip install sculpt[diffusers].",
+    )
+    export.add_argument("run", help="run folder written by `sculpt train`")
+    export.add_argument("--format", default="diffusers", choices=["diffusers"])
+    export.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    export.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    export.set_defaults(handler=_export)
 
     features = commands.add_parser("features", help="domain feature extractors for evaluation")
     features_commands = features.add_subparsers(dest="features_command", required=True)
@@ -513,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_cpu_allocator()  # the commands move large tensors on the CPU (sculpt.runtime)
     try:
         return args.handler(args, extra)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError) as error:
         print(f"sculpt {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from .denoiser import DenoiserFn
 from .metrics.features import FeatureExtractor, get_extractor, reference_stats, train_classifier
 from .metrics.stats import density_coverage, fid_infinity, frechet_distance, inception_score, kid, precision_recall
-from .run import load, weights_hash
+from .run import load, run_folder, weights_file, weights_hash
 from .samplers import NFE, SAMPLERS, generate  # generate lived here: still importable from sculpt.evaluate
 
 __all__ = ["METRICS", "RECOMMENDED_N", "generate", "score", "evaluate_run", "sweep", "default_extractor"]
@@ -142,15 +142,34 @@ class RunContext:
     extractor: FeatureExtractor
     reference: Any
     checkpoint_hash: str
+    checkpoint: str = "ema.safetensors"  #: the weights file sampled (a diffusers model's own)
 
 
 def prepare(
-    run_dir: str | Path, *, features: str | None, split: str = "train", device: str = "cpu", progress: bool = True
+    run_dir: str | Path,
+    *,
+    features: str | None,
+    split: str = "train",
+    device: str = "cpu",
+    progress: bool = True,
+    data: str | None = None,
 ) -> RunContext:
+    """Load a run (or ``diffusers:PATH``), its reference data and features for scoring.
+
+    ``data`` names the reference dataset where the run's own is not wanted or not known
+    (a diffusers model does not say what it was trained on).
+    """
+    from dataclasses import replace
+
     from .data import load_dataset
 
-    run_dir = Path(run_dir)
-    denoiser, config = load(run_dir, device=device)
+    spec = run_dir
+    run_dir = run_folder(spec)
+    denoiser, config = load(spec, device=device)
+    if data:
+        config = replace(config, data=replace(config.data, name=data))
+    if not config.data.name:
+        raise ValueError(f"{spec} does not say what data it was trained on: give the reference dataset with --data")
     dataset = load_dataset(
         config.data.name, resolution=config.data.resolution, channels=config.data.channels, split=split
     )
@@ -166,8 +185,9 @@ def prepare(
         cache_dir=run_dir / "features" / "reference",
         progress=progress,
     )
-    checkpoint_hash = weights_hash(run_dir / "ema.safetensors")
-    return RunContext(run_dir, denoiser, config, dataset, extractor, reference, checkpoint_hash)
+    checkpoint = weights_file(spec)
+    digest = weights_hash(checkpoint)
+    return RunContext(run_dir, denoiser, config, dataset, extractor, reference, digest, checkpoint.name)
 
 
 def _record(
@@ -210,7 +230,7 @@ def _record(
         "autoencoder": config.latent.autoencoder or None,  # a latent run's samples are decoded by it
         "autoencoder_sha256": config.latent.sha256 or None,
         "run": str(ctx.run_dir),
-        "checkpoint": "ema.safetensors",
+        "checkpoint": ctx.checkpoint,
         "checkpoint_sha256": ctx.checkpoint_hash,
         "dataset": ctx.config.data.name,
         "reference_split": split,

@@ -56,6 +56,8 @@ __all__ = [
     "read_config",
     "load",
     "weights_hash",
+    "weights_file",
+    "run_folder",
     "write_text",
 ]
 
@@ -65,7 +67,17 @@ FORMAT = "sculpt-run-1"
 # -- building the model from a config ---------------------------------------------------
 
 
+def _diffusers_net(config: Config) -> str | None:
+    """The folder of a run whose network is a diffusers model (``model.net`` = ``diffusers:PATH``), else None."""
+    net = config.model.net
+    return net if net.startswith("diffusers:") else None
+
+
 def build_schedule(config: Config) -> Schedule:
+    if (folder := _diffusers_net(config)) is not None:  # the folder's scheduler config is the schedule
+        from .interop import diffusers_schedule
+
+        return diffusers_schedule(folder)
     d = config.diffusion
     return make(d.schedule, shift=d.shift, zero_terminal_snr=d.zero_terminal_snr)
 
@@ -74,7 +86,18 @@ def build_denoiser(config: Config) -> Denoiser:
     """Network + schedule + target from a resolved config (data.resolution/channels set).
 
     A latent run's network works on latents (``latent.channels`` x ``latent.resolution``).
+    A ``diffusers:PATH`` network is that folder's model and schedule (a diffusers teacher's
+    student is one), without the scheduler's x0 clamp: a student trains through it.
     """
+    if (folder := _diffusers_net(config)) is not None:
+        from .interop import from_diffusers
+
+        if config.model.net_options:
+            raise ValueError(
+                f"model.net_options {config.model.net_options} cannot change a diffusers network; "
+                f"edit {folder.removeprefix('diffusers:')}'s config.json instead"
+            )
+        return from_diffusers(folder, clip=False).train()
     if config.model.net not in NETS:
         raise ValueError(f"unknown net {config.model.net!r}; valid names: {', '.join(NETS)} (see `sculpt nets`)")
     if config.data.resolution is None or config.data.channels is None:
@@ -177,8 +200,31 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if (p / "complete").is_file())
 
 
+def run_folder(spec: str | Path) -> Path:
+    """The folder of a run argument: a run folder, or PATH of ``diffusers:PATH``."""
+    text = str(spec)
+    return Path(text.removeprefix("diffusers:"))
+
+
+def weights_file(spec: str | Path, *, ema: bool = True) -> Path:
+    """The weights a run argument samples with: RUN/ema.safetensors, or a diffusers folder's weights file."""
+    if str(spec).startswith("diffusers:"):
+        from .interop import weights_file as diffusers_weights
+
+        return diffusers_weights(spec)
+    return Path(spec) / ("ema.safetensors" if ema else "model.safetensors")
+
+
 def read_config(run_dir: str | Path) -> Config:
-    """The resolved config of a run folder (config.json, else the weights' metadata)."""
+    """The resolved config of a run folder (config.json, else the weights' metadata).
+
+    ``diffusers:PATH`` (a folder written by diffusers' ``save_pretrained``) gives a config
+    describing that model: its shape, classes, schedule and default grid (``data.name`` empty).
+    """
+    if str(run_dir).startswith("diffusers:"):
+        from .interop import read_diffusers_config
+
+        return read_diffusers_config(run_dir)
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise FileNotFoundError(f"run folder {run_dir} does not exist; train one with `sculpt train --out {run_dir}`")
@@ -201,7 +247,14 @@ def load(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = 
     Denoiser too; its config says which sampler and steps it was made for. A latent run
     loads as a ``LatentDenoiser``: its autoencoder (checked against the recorded hash)
     decodes what it samples, so ``generate`` gives pixels.
+    ``diffusers:PATH`` loads a diffusers model folder (``sculpt.interop.from_diffusers``:
+    its network, schedule, target and clip_sample) with a config describing it.
     """
+    if str(run_dir).startswith("diffusers:"):
+        from .interop import load_diffusers
+
+        denoiser, config = load_diffusers(run_dir, device=device)
+        return denoiser.eval(), config
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if config.task == "autoencoder":
@@ -226,7 +279,12 @@ def load(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = 
 
 
 def check_teacher(run_dir: str | Path) -> tuple[Config, str]:
-    """A teacher's config and weights hash, refusing folders that are not diffusion runs."""
+    """A teacher's config and weights hash, refusing folders that are not diffusion runs.
+
+    A ``diffusers:PATH`` teacher's hash is its weights file's.
+    """
+    if str(run_dir).startswith("diffusers:"):
+        return read_config(run_dir), weights_hash(weights_file(run_dir))
     run_dir = Path(run_dir)
     if not (run_dir / "ema.safetensors").is_file():
         raise FileNotFoundError(
@@ -257,7 +315,7 @@ def build_objective(config: Config, model: Denoiser, *, device: str | torch.devi
         _, found = check_teacher(config.distill.teacher)
         if config.distill.teacher_sha256 and found != config.distill.teacher_sha256:
             raise ValueError(
-                f"the teacher's weights changed under this student: {config.distill.teacher}/ema.safetensors "
+                f"the teacher's weights changed under this student: {weights_file(config.distill.teacher)} "
                 f"now hashes {found}, the student was started from {config.distill.teacher_sha256}. "
                 "Restore the teacher, or start a new student run from it"
             )
@@ -317,6 +375,8 @@ def student_config(
         # model.net_options may change the dropout (ECT tunes with dropout; no weight depends on it)
         fixed = [key for key in overrides if key.split(".")[0] in ("data", "model", "diffusion")]
         fixed = [key for key in fixed if key != "model.net_options"]
+        if not base.data.name:  # a diffusers teacher does not say what it was trained on: --data does
+            fixed = [key for key in fixed if key != "data.name"]
         if fixed and method != "ict":
             raise ValueError(
                 f"a student keeps its teacher's data, network and diffusion settings; drop {', '.join(fixed)}"
@@ -331,6 +391,10 @@ def student_config(
         distill = DistillConfig(teacher=str(teacher), teacher_sha256=digest)
         config = replace(base, distill=distill, train=replace(train, lr=base.train.lr / 10), task=method, out=out)
     config = override(config, overrides)  # the sections below read the user's ect / ict / pd settings
+    if not config.data.name:
+        raise ValueError(
+            f"the teacher {teacher} does not say what data it was trained on (a diffusers model): give it with --data"
+        )
     if method == "pd":
         p = config.pd
         sampling, default_steps = ("ddim", p.start_steps // 2**p.rounds, p.spacing), p.rounds * p.round_steps
