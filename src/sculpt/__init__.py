@@ -11,7 +11,8 @@ from . import schedules
 from .denoiser import Denoiser
 from .samplers import SAMPLERS, sample
 from .schedules import GRIDS, SCHEDULES
+from .tune import tune_grid
 
 __version__ = "0.1.0"
 
-__all__ = ["Denoiser", "GRIDS", "SAMPLERS", "SCHEDULES", "sample", "schedules", "__version__"]
+__all__ = ["Denoiser", "GRIDS", "SAMPLERS", "SCHEDULES", "sample", "schedules", "tune_grid", "__version__"]

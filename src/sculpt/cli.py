@@ -104,6 +104,40 @@ def _add_config_fields(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _tuned_sigmas(run: str, raw: bool, spacing: str | None, sampler: str, steps: int):
+    """The grid RUN/grids.json holds for (sampler, steps) when no other grid was asked for: (sigmas, source).
+
+    ``spacing`` is what the command line named (None: nothing, "tuned": insist on a tuned grid).
+    A grids.json tuned for other weights is refused: an error with ``--spacing tuned``, else a
+    note on stderr and the default grid.
+    """
+    from .run import run_folder, weights_file, weights_hash
+    from .samplers import NFE
+    from .tune import GRIDS_FILE, find_grid
+
+    if spacing not in (None, "tuned"):
+        return None, None
+    path, weights = run_folder(run) / GRIDS_FILE, weights_file(run, ema=not raw)
+    found = None
+    if path.is_file() and weights.is_file():
+        try:
+            found = find_grid(run_folder(run), weights_hash(weights), sampler, steps)
+        except ValueError as error:
+            if spacing == "tuned":
+                raise
+            print(f"not using {path}: {error}", file=sys.stderr)
+    if found is None:
+        if spacing == "tuned":
+            raise ValueError(
+                f"no grid tuned for {sampler} at {steps} steps in {path}; make one with "
+                f"`sculpt tune {run} --sampler {sampler} --nfe {NFE[sampler](steps)}`"
+            )
+        return None, None
+    shown = ", ".join(f"{float(v):.3g}" for v in found.sigmas)
+    print(f"using the tuned grid from {path} ({sampler}, {steps} steps, NFE {found.nfe}: sigmas {shown})")
+    return found.sigmas, str(path)
+
+
 def _resolved_config(args: argparse.Namespace, extra: list[str]):
     from .config import Config, load_config, override
 
@@ -217,7 +251,10 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError(f"-n must be >= 1 (got {args.n})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     denoiser, config = load(args.run, ema=not args.raw, device=device)
+    asked_spacing = args.spacing
     _run_defaults(args, config)
+    sigmas, _ = _tuned_sigmas(args.run, args.raw, asked_spacing, args.sampler, args.steps)
+    args.spacing = None if args.spacing == "tuned" else args.spacing
     shape = (config.data.channels, config.data.resolution, config.data.resolution)
     labels = None
     if config.model.num_classes:
@@ -239,6 +276,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         sampler=args.sampler,
         steps=args.steps,
         spacing=args.spacing,
+        sigmas=sigmas,
         seed=args.seed,
         batch_size=args.batch_size,
         num_classes=config.model.num_classes,
@@ -300,9 +338,17 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
         if not args.run:
             raise ValueError("give a run folder (sculpt eval RUN) or two image sets (--real ... --fake ...)")
         ctx = ev.prepare(args.run, features=args.features, split=args.split, device=device, data=args.data)
+        asked_spacing = args.spacing
         _run_defaults(args, ctx.config)
+        args.spacing = None if args.spacing == "tuned" else args.spacing
         if args.sweep:
             grid = ev.parse_sweep(args.sweep)
+            tuned, source = {}, None
+            for name in grid.get("sampler", [args.sampler]):
+                for count in grid.get("steps", [args.steps]):
+                    sigmas, found = _tuned_sigmas(args.run, False, asked_spacing, name, count)
+                    if sigmas is not None:
+                        tuned[(name, count)], source = sigmas, found
             plot = args.plot or str(ctx.run_dir / "eval_sweep.png")
             rows = ev.sweep(
                 ctx,
@@ -313,6 +359,8 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 sampler=args.sampler,
                 steps=args.steps,
                 spacing=args.spacing,
+                tuned=tuned,
+                grid_source=source,
                 split=args.split,
                 plot=plot,
                 device=device,
@@ -321,6 +369,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
             record = {"sweep": rows}
             print(f"wrote {plot}")
         else:
+            sigmas, source = _tuned_sigmas(args.run, False, asked_spacing, args.sampler, args.steps)
             record = ev.evaluate_run(
                 ctx,
                 metrics=metrics,
@@ -328,6 +377,8 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 sampler=args.sampler,
                 steps=args.steps,
                 spacing=args.spacing,
+                sigmas=sigmas,
+                grid_source=source,
                 seed=args.seed,
                 split=args.split,
                 device=device,
@@ -351,6 +402,60 @@ def _export(args: argparse.Namespace, extra: list[str]) -> int:
     denoiser, config = load(args.run, ema=not args.raw)
     out = export_diffusers(denoiser, config, args.out)
     print(f"wrote {out}: a DDPMPipeline (DDPMPipeline.from_pretrained({str(out)!r}) loads and samples it)")
+    return 0
+
+
+def _tune(args: argparse.Namespace, extra: list[str]) -> int:
+    import time
+
+    import torch
+
+    from .run import load, run_folder, weights_file, weights_hash
+    from .tune import reference, steps_for_nfe, tune, write_grids
+
+    if extra:
+        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+    try:
+        nfes = sorted({int(v) for v in args.nfe.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"--nfe takes a comma list of integers like 3,4,5,6,8,10 (got {args.nfe!r})") from None
+    if not nfes or nfes[0] < 1:
+        raise ValueError(f"--nfe needs NFE values >= 1 (got {args.nfe!r})")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    denoiser, config = load(args.run, device=device)
+    digest = weights_hash(weights_file(args.run))
+    samplers = [v.strip() for v in (args.sampler or config.train.sampler).split(",") if v.strip()]
+    shape = (config.data.channels, config.data.resolution, config.data.resolution)
+    if (codec := getattr(denoiser, "codec", None)) is not None:  # a latent run samples (so is tuned) in latents
+        shape = tuple(codec.latent_shape(shape))
+    cond = None
+    if config.model.num_classes:  # class-conditional: tune over every class in turn
+        cond = {"class_labels": (torch.arange(args.n) % config.model.num_classes).to(device)}
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(args.seed)
+    options = dict(n=args.n, generator=generator, candidates=args.candidates, cond=cond, progress=True)
+    refs = (reference(denoiser, shape, **options), reference(denoiser, shape, **options))
+    calls = refs[0].calls + refs[1].calls
+    print(f"reference: {refs[0].settings['reference']} with {refs[0].settings['reference_steps']} steps on "
+          f"2 x {args.n} samples ({calls} calls, {time.perf_counter() - started:.1f} s)")
+    tuned = []
+    for sampler in samplers:
+        for nfe in nfes:
+            steps = steps_for_nfe(sampler, nfe)
+            if any((g.sampler, g.steps) == (sampler, steps) for g in tuned):
+                continue  # heun: two NFE budgets can give the same steps
+            result = tune(denoiser, shape, nfe=nfe, sampler=sampler, references=refs, cond=cond)
+            tuned.append(result)
+            calls += result.calls
+            gain = result.baseline_error / max(result.held_out_error, 1e-12)
+            print(
+                f"{sampler} NFE {result.nfe} ({steps} steps): error {result.error:.4g}, held out "
+                f"{result.held_out_error:.4g}; best default grid ({result.baseline}) {result.baseline_error:.4g}, "
+                f"{gain:.2f}x; {result.seconds:.1f} s, {result.calls} calls"
+            )
+    path = write_grids(run_folder(args.run), digest, tuned)
+    print(f"wrote {path}: {len(tuned)} grids for weights {digest} ({calls} calls of {args.n} samples, "
+          f"{time.perf_counter() - started:.0f} s); `sculpt sample` and `sculpt eval` use them")
     return 0
 
 
@@ -452,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler", default=None, choices=list(SAMPLERS), help="default: the run's own (train.sampler)"
     )
     sample.add_argument("--steps", type=int, default=None, help="default: the run's own (train.sample_steps)")
-    sample.add_argument("--spacing", default=None, help=f"step grid: {' | '.join(GRIDS)} (default: the run's own)")
+    sample.add_argument(
+        "--spacing", default=None, help=f"step grid: {' | '.join(GRIDS)} | tuned (default: tuned, else the run's)"
+    )
     sample.add_argument("-n", type=int, default=64, help="number of samples")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--label", type=int, default=None, help="class label for class-conditional runs")
@@ -481,7 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler", default=None, choices=list(SAMPLERS), help="default: the run's own (train.sampler)"
     )
     evaluate.add_argument("--steps", type=int, default=None, help="default: the run's own (train.sample_steps)")
-    evaluate.add_argument("--spacing", default=None, help=f"step grid: {' | '.join(GRIDS)} (default: the run's own)")
+    evaluate.add_argument(
+        "--spacing", default=None, help=f"step grid: {' | '.join(GRIDS)} | tuned (default: tuned, else the run's)"
+    )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--split", default="train", help="reference split of the run's dataset")
     evaluate.add_argument(
@@ -518,6 +627,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
     export.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     export.set_defaults(handler=_export)
+
+    tune = commands.add_parser(
+        "tune",
+        help="tune step grids to a run's model for few-step sampling (writes RUN/grids.json)",
+        description="Find the noise levels at which a sampler should call this model, for each NFE: a fine "
+        "reference solve, dynamic programming over candidate levels (GITS), then a local search scored by the "
+        "sampler itself. `sculpt sample` and `sculpt eval` then use the grids automatically.",
+    )
+    tune.add_argument("run", help="run folder written by `sculpt train`")
+    tune.add_argument("--nfe", default="3,4,5,6,8,10", help="comma list of NFE budgets (denoiser calls per sample)")
+    tune.add_argument("--sampler", default=None, help="comma list of samplers (default: the run's own)")
+    tune.add_argument("-n", "--n", type=int, default=256, help="noise samples to tune on (as many again to check)")
+    tune.add_argument("--candidates", type=int, default=48, help="candidate noise levels for the DP")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--device", default=None)
+    tune.set_defaults(handler=_tune)
 
     features = commands.add_parser("features", help="domain feature extractors for evaluation")
     features_commands = features.add_subparsers(dest="features_command", required=True)

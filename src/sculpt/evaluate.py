@@ -203,6 +203,8 @@ def _record(
     seconds: float,
     precision: str = "fp32",
     spacing: str | None = None,
+    sigmas: Tensor | None = None,
+    grid_source: str | None = None,
 ) -> dict[str, Any]:
     config = ctx.config
     image_metrics = [m for m in metrics if m != "bpd"]
@@ -211,6 +213,8 @@ def _record(
     count_warnings = sample_count_warnings(image_metrics, n) + (
         sample_count_warnings(["bpd"], bpd_n) if bpd_n is not None else []
     )
+    if sigmas is not None:
+        spacing = "tuned" if grid_source else "explicit"
     return {
         "scores": scores,
         "n_fake": n if image_metrics else None,
@@ -220,6 +224,8 @@ def _record(
         "sampler": sampler,
         "steps": steps,
         "spacing": spacing or ctx.denoiser.schedule.default_spacing,
+        "sigmas": [float(v) for v in sigmas] if sigmas is not None else None,
+        "tuned_grid": grid_source,  # the grids.json the sigmas came from, tuned for checkpoint_sha256
         "nfe": NFE[sampler](steps),
         "precision": precision,
         "guidance": None,
@@ -255,6 +261,8 @@ def evaluate_run(
     sampler: str,
     steps: int,
     spacing: str | None = None,
+    sigmas: Tensor | None = None,
+    grid_source: str | None = None,
     seed: int = 0,
     split: str = "train",
     batch_size: int = 256,
@@ -266,6 +274,8 @@ def evaluate_run(
     """Sample n images from the run's EMA model and score them; returns the full record.
 
     ``precision`` bf16 / fp16 samples under autocast (recorded; the scores stay float64).
+    ``sigmas`` is an explicit grid of ``steps`` steps (a tuned one: ``grid_source`` names
+    its grids.json); both go into the record.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
@@ -283,6 +293,7 @@ def evaluate_run(
             sampler=sampler,
             steps=steps,
             spacing=spacing,
+            sigmas=sigmas,
             seed=seed,
             batch_size=batch_size,
             num_classes=ctx.config.model.num_classes,
@@ -307,6 +318,8 @@ def evaluate_run(
         seconds=time.perf_counter() - started,
         precision=precision,
         spacing=spacing,
+        sigmas=sigmas,
+        grid_source=grid_source,
     )
 
 
@@ -420,13 +433,18 @@ def sweep(
     sampler: str = "dpmpp_2m",
     steps: int = 20,
     spacing: str | None = None,
+    tuned: dict[tuple[str, int], Tensor] | None = None,
+    grid_source: str | None = None,
     split: str = "train",
     progress: bool = True,
     plot: str | Path | None = None,
     device: str = "cpu",
     precision: str = "fp32",
 ) -> list[dict[str, Any]]:
-    """Quality against NFE: one evaluation per (sampler, steps) of the grid, a table and a PNG plot."""
+    """Quality against NFE: one evaluation per (sampler, steps) of the grid, a table and a PNG plot.
+
+    ``tuned`` maps (sampler, steps) to a tuned grid (from ``grid_source``), used where present.
+    """
     samplers = grid.get("sampler", [sampler])
     step_counts = grid.get("steps", [steps])
     rows = []
@@ -438,6 +456,8 @@ def sweep(
             sampler=name,
             steps=count,
             spacing=spacing,
+            sigmas=(tuned or {}).get((name, count)),
+            grid_source=grid_source if (name, count) in (tuned or {}) else None,
             seed=seed,
             split=split,
             progress=progress,
@@ -446,7 +466,7 @@ def sweep(
         )
         rows.append(record)
         print(
-            f"{name:<16s} steps {count:>4d}  NFE {record['nfe']:>4d}  "
+            f"{name:<16s} steps {count:>4d}  NFE {record['nfe']:>4d}  {record['spacing']:<9s} "
             + "  ".join(f"{k} {_headline(v):.4f}" for k, v in record["scores"].items()),
             flush=True,
         )

@@ -593,6 +593,7 @@ def generate(
     sampler: str = "dpmpp_2m",
     steps: int = 20,
     spacing: str | None = None,
+    sigmas: Tensor | None = None,
     seed: int = 0,
     batch_size: int = 256,
     num_classes: int = 0,
@@ -610,6 +611,7 @@ def generate(
     model (``num_classes`` > 0) gets ``labels`` [n], or labels cycling through the classes,
     so class balance is exact. ``callback`` (a sampler's ``StepInfo`` callback) follows the
     first batch. ``precision`` bf16 / fp16 runs the network under autocast (``sample``).
+    ``sigmas`` (a tuned grid, ``sculpt.tune``) replaces ``steps`` and ``spacing``.
     """
     from tqdm.auto import tqdm
 
@@ -631,6 +633,7 @@ def generate(
             sampler=sampler,
             steps=steps,
             spacing=spacing,
+            sigmas=sigmas,
             generator=generator,
             callback=callback if start == 0 else None,
             cond=cond,
