@@ -223,15 +223,15 @@ def test_cli_picks_up_a_tuned_grid_for_its_weights_only(tmp_path, capsys):
     (tmp_path / "ema.safetensors").write_bytes(b"weights one")
     (tmp_path / "model.safetensors").write_bytes(b"weights two")
     write_grids(tmp_path, weights_hash(tmp_path / "ema.safetensors"), [_grid("unipc", 4)])
-    sigmas, source = _tuned_sigmas(str(tmp_path), "ema.safetensors", None, "unipc", 4)
+    sigmas, source = _tuned_sigmas(str(tmp_path), False, None, "unipc", 4)
     assert torch.equal(sigmas, _grid("unipc", 4).sigmas) and source == str(tmp_path / GRIDS_FILE)
     assert "using the tuned grid from" in capsys.readouterr().out
-    assert _tuned_sigmas(str(tmp_path), "ema.safetensors", "karras", "unipc", 4) == (None, None)  # asked for another
-    assert _tuned_sigmas(str(tmp_path), "ema.safetensors", None, "unipc", 5) == (None, None)
+    assert _tuned_sigmas(str(tmp_path), False, "karras", "unipc", 4) == (None, None)  # asked for another
+    assert _tuned_sigmas(str(tmp_path), False, None, "unipc", 5) == (None, None)
     with pytest.raises(ValueError, match="no grid tuned for unipc at 5 steps"):
-        _tuned_sigmas(str(tmp_path), "ema.safetensors", "tuned", "unipc", 5)
+        _tuned_sigmas(str(tmp_path), False, "tuned", "unipc", 5)
     # other weights (here the raw ones): a note and the default grid, or an error when a tuned grid was asked for
-    assert _tuned_sigmas(str(tmp_path), "model.safetensors", None, "unipc", 4) == (None, None)
+    assert _tuned_sigmas(str(tmp_path), True, None, "unipc", 4) == (None, None)
     assert "re-tune with `sculpt tune" in capsys.readouterr().err
     with pytest.raises(ValueError, match="was tuned for weights"):
-        _tuned_sigmas(str(tmp_path), "model.safetensors", "tuned", "unipc", 4)
+        _tuned_sigmas(str(tmp_path), True, "tuned", "unipc", 4)
