@@ -48,7 +48,7 @@ from .run import (
     write_text,
 )
 from .runtime import autocast, tune_cpu_allocator
-from .samplers import generate, sample
+from .samplers import class_rows, generate, sample
 
 __all__ = ["train", "make_optimizer", "Interrupted", "World"]
 
@@ -185,7 +185,7 @@ def _sample_grid(ema_denoiser: Denoiser, config: Config, noise: Tensor, labels: 
         device=noise.device,
     )
     scale = max(1, 128 // config.data.resolution)
-    nrow = config.model.num_classes or None
+    nrow = len(labels) // config.model.num_classes if labels is not None else None  # one row per class
     save_grid(path, images.float().cpu(), nrow=nrow, scale=scale)
 
 
@@ -333,9 +333,10 @@ def train(
     model.net = wrapped
 
     fixed = torch.Generator().manual_seed(t.seed + 2)
-    grid_noise = torch.randn((t.num_samples, *dataset.images.shape[1:]), generator=fixed).to(device)
     num_classes = config.model.num_classes
-    grid_labels = (torch.arange(t.num_samples) % num_classes).to(device) if num_classes else None
+    grid_labels = class_rows(num_classes, t.num_samples).to(device) if num_classes else None  # a row per class
+    grid_size = len(grid_labels) if num_classes else t.num_samples
+    grid_noise = torch.randn((grid_size, *dataset.images.shape[1:]), generator=fixed).to(device)
     watcher = _TrainingFID(config, dataset, run_dir, device) if world.main and t.eval_every else None
 
     net.train()
