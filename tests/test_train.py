@@ -163,8 +163,8 @@ def test_cli_train_sample_schedule(tmp_path, capsys):
     grid, traj, npz = tmp_path / "grid.png", tmp_path / "traj.png", tmp_path / "s.npz"
     assert main(["sample", str(run), "-n", "10", "--steps", "4", "--out", str(grid), "--trajectory", str(traj)]) == 0
     image = np.asarray(Image.open(grid))
-    # class-conditional: one row per class, 10 samples -> 1 row of 10 tiles of 8 px (+ padding), scaled
-    assert image.shape[0] * 10 < image.shape[1] * 2
+    # class-conditional: one row per class, 10 samples -> 10 rows of 1 tile of 8 px (+ padding), scaled
+    assert image.shape[1] * 10 < image.shape[0] * 2
     assert Image.open(traj).size[0] > 0
     four_paths = Image.open(traj).size[1]  # x and x0_hat rows for 4 samples
     assert main(["sample", str(run), "-n", "5", "--steps", "3", "--format", "npz", "--out", str(npz)]) == 0

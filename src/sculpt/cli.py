@@ -237,13 +237,48 @@ def _nets(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _guidance_options(args: argparse.Namespace):
+    """The guidance asked for on the command line (None: unguided), refusing options that need --guidance."""
+    from .guidance import GuidanceOptions, parse_interval
+
+    if args.guidance is None:
+        given = [
+            flag
+            for flag, value in [
+                ("--guidance-interval", args.guidance_interval),
+                ("--guidance-rescale", args.guidance_rescale),
+                ("--guide", args.guide),
+            ]
+            if value is not None
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} shape guidance; give its weight too, e.g. --guidance 2.0")
+        return None
+    interval = parse_interval(args.guidance_interval) if args.guidance_interval is not None else None
+    return GuidanceOptions(args.guidance, interval, args.guidance_rescale or 0.0, args.guide)
+
+
+def _check_label(label: int | None, num_classes: int, run: str) -> None:
+    if label is None:
+        return
+    if not num_classes:
+        raise ValueError(
+            f"--label {label}: {run} is unconditional (trained without --model.class_cond=true); drop --label"
+        )
+    if not 0 <= label < num_classes:
+        raise ValueError(
+            f"--label {label} is out of range: {run} has {num_classes} classes, labels 0 to {num_classes - 1}"
+        )
+
+
 def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     import numpy as np
     import torch
 
+    from .guidance import guided_run
     from .images import save_grid, save_trajectory
     from .run import load
-    from .samplers import NFE, generate
+    from .samplers import NFE, class_rows, generate
 
     if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
@@ -255,12 +290,18 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     _run_defaults(args, config)
     sigmas, _ = _tuned_sigmas(args.run, args.raw, asked_spacing, args.sampler, args.steps)
     args.spacing = None if args.spacing == "tuned" else args.spacing
+    num_classes = config.model.num_classes
+    _check_label(args.label, num_classes, args.run)
+    denoiser, guidance = guided_run(denoiser, config, _guidance_options(args), run_dir=args.run, device=device)
     shape = (config.data.channels, config.data.resolution, config.data.resolution)
-    labels = None
-    if config.model.num_classes:
-        labels = (
-            torch.arange(args.n) % config.model.num_classes if args.label is None else torch.full((args.n,), args.label)
-        )
+    labels, nrow = None, None
+    if args.label is not None:
+        labels = torch.full((args.n,), args.label)
+    elif num_classes and args.format == "png":  # a class-by-class grid: one row per class
+        labels = class_rows(num_classes, args.n)
+        args.n, nrow = len(labels), len(labels) // num_classes
+    elif num_classes:
+        labels = torch.arange(args.n) % num_classes
     recorded: list = []
     steps_to_keep: set[int] = set()
     if args.trajectory:
@@ -279,7 +320,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         sigmas=sigmas,
         seed=args.seed,
         batch_size=args.batch_size,
-        num_classes=config.model.num_classes,
+        num_classes=num_classes,
         labels=labels,
         callback=callback,  # the trajectory follows the first batch
         device=device,
@@ -290,9 +331,19 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         np.savez_compressed(out, images=images.numpy(), labels=(labels.numpy() if labels is not None else []))
     else:
         scale = max(1, 256 // (config.data.resolution * max(1, int(args.n**0.5))))
-        save_grid(out, images, nrow=config.model.num_classes or None, scale=max(scale, 2))
+        save_grid(out, images, nrow=nrow, scale=max(scale, 2))
+    rows = f" (one row per class, {nrow} each)" if nrow else (f" of class {args.label}" if labels is not None else "")
+    guided = ""
+    if guidance:
+        guided = f", {guidance['kind']} guidance w={guidance['weight']:g}"
+        guided += (
+            f" on sigma in ({guidance['interval'][0]:g}, {guidance['interval'][1]:g}]" if guidance["interval"] else ""
+        )
+        guided += f", rescale {guidance['rescale']:g}" if guidance["rescale"] else ""
+        guided += f", guide {guidance['guide']}" if guidance["guide"] else ""
     print(
-        f"wrote {out}: {args.n} samples, {args.sampler} with {args.steps} steps ({NFE[args.sampler](args.steps)} NFE)"
+        f"wrote {out}: {args.n} samples{rows}, {args.sampler} with {args.steps} steps "
+        f"({NFE[args.sampler](args.steps)} NFE){guided}"
     )
     if args.trajectory:
         shown = min(args.n, args.batch_size, 4)  # the trajectory follows the first batch
@@ -337,12 +388,22 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         if not args.run:
             raise ValueError("give a run folder (sculpt eval RUN) or two image sets (--real ... --fake ...)")
+        grid = ev.parse_sweep(args.sweep) if args.sweep else {}
+        if "guidance" in grid:
+            if args.guidance is not None:
+                raise ValueError("give either --guidance W or --sweep guidance=W1,W2,..., not both")
+            args.guidance = grid["guidance"][0]  # the sweep sets the weight; the other flags shape it
+        guidance = _guidance_options(args)
+        if guidance is not None:  # refuse guidance the run cannot take before fitting features or sampling
+            from .guidance import check_guidance
+            from .run import read_config
+
+            check_guidance(read_config(args.run), guidance)
         ctx = ev.prepare(args.run, features=args.features, split=args.split, device=device, data=args.data)
         asked_spacing = args.spacing
         _run_defaults(args, ctx.config)
         args.spacing = None if args.spacing == "tuned" else args.spacing
         if args.sweep:
-            grid = ev.parse_sweep(args.sweep)
             tuned, source = {}, None
             for name in grid.get("sampler", [args.sampler]):
                 for count in grid.get("steps", [args.steps]):
@@ -365,6 +426,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 plot=plot,
                 device=device,
                 precision=args.precision,
+                guidance=guidance,
             )
             record = {"sweep": rows}
             print(f"wrote {plot}")
@@ -383,6 +445,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 split=args.split,
                 device=device,
                 precision=args.precision,
+                guidance=guidance,
             )
         out = args.out or str(ctx.run_dir / ("eval_sweep.json" if args.sweep else "eval.json"))
     ev.write_record(out, record)
@@ -479,6 +542,31 @@ def _features(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        metavar="W",
+        help="guidance weight: D_u + W (D_c - D_u) (classifier-free; 1 = plain conditional, 0 = unconditional)",
+    )
+    parser.add_argument(
+        "--guidance-interval",
+        default=None,
+        metavar="LO,HI",
+        help="guide only for noise levels LO < sigma <= HI, plain conditional elsewhere (Kynkaanniemi et al. 2024)",
+    )
+    parser.add_argument(
+        "--guidance-rescale", type=float, default=None, metavar="PHI", help="CFG rescale on x0 (Lin et al. 2023), 0-1"
+    )
+    parser.add_argument(
+        "--guide",
+        default=None,
+        metavar="RUN",
+        help="autoguidance: guide with a weaker run of the same task (smaller or shorter-trained; Karras et al. 2024)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .objectives import OBJECTIVES
     from .samplers import SAMPLERS
@@ -562,7 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("-n", type=int, default=64, help="number of samples")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--label", type=int, default=None, help="class label for class-conditional runs")
+    sample.add_argument(
+        "--label", type=int, default=None, help="class label (class-conditional runs; default: one row per class)"
+    )
+    _add_guidance_arguments(sample)
     sample.add_argument("--out", default=None, help="output file (default samples.png / samples.npz)")
     sample.add_argument("--format", default="png", choices=["png", "npz"])
     sample.add_argument("--trajectory", default=None, metavar="PNG", help="also draw the denoising path")
@@ -603,8 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=V1,V2",
-        help="steps=5,10,20 and/or sampler=ddim,heun: a quality-vs-NFE table and plot",
+        help="steps=5,10,20 and/or sampler=ddim,heun: a quality-vs-NFE table and plot; "
+        "guidance=0,1,2,4: quality against the guidance weight",
     )
+    _add_guidance_arguments(evaluate)
     evaluate.add_argument("--plot", default=None, help="sweep plot path (default RUN/eval_sweep.png)")
     evaluate.add_argument(
         "--data", default=None, help="reference dataset (default: the run's own; needed for diffusers:PATH)"

@@ -3,8 +3,12 @@
 A score without its settings cannot be compared, so ``evaluate_run`` writes, beside every
 metric, the sample counts, seeds, sampler, steps and NFE, the checkpoint's hash, the
 feature extractor and its weights' hash, the resize method, the reference statistics'
-hash and the package versions. ``sweep`` does the same over a grid of samplers and step
-counts and draws quality against NFE.
+hash and the package versions. ``sweep`` does the same over a grid of samplers, step
+counts and guidance weights and draws quality against NFE (or against the weight).
+A guided evaluation records its guidance (kind, weight, interval, rescale, guide and its
+hash) and what it cost in network evaluations per sample; a class-conditional run is
+also scored on ``class_accuracy``, the domain classifier's agreement with the requested
+labels, where the classifier knows the run's classes.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import platform
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import DenoiserFn
+from .guidance import CountEvaluations, GuidanceOptions, guided_run
 from .metrics.features import FeatureExtractor, get_extractor, reference_stats, train_classifier
 from .metrics.stats import density_coverage, fid_infinity, frechet_distance, inception_score, kid, precision_recall
 from .run import load, run_folder, weights_file, weights_hash
@@ -75,14 +80,21 @@ def score(
     real_features: np.ndarray,
     progress: bool = True,
     seed: int = 0,
+    labels: Tensor | np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Image-set metrics of ``fake_images`` against reference features (fid, kid, is, pr, fid_inf)."""
+    """Image-set metrics of ``fake_images`` against reference features (fid, kid, is, pr, fid_inf).
+
+    With ``labels`` (the class each image was asked for) the extractor's classifier also
+    scores ``class_accuracy``: the share of images whose most probable class is the one asked for.
+    """
     metrics = list(metrics)
-    want_probs = "is" in metrics
+    want_probs = "is" in metrics or labels is not None
     if want_probs and not extractor.num_classes:
         raise ValueError(f"metric 'is' needs class probabilities; extractor {extractor.name!r} has none")
     fake, probs = extractor.extract(fake_images, progress=progress, probs=want_probs)
     scores: dict[str, Any] = {}
+    if labels is not None:
+        scores["class_accuracy"] = float((probs.argmax(axis=1) == np.asarray(labels)).mean())
     for name in metrics:
         if name == "fid":
             scores["fid"] = frechet_distance(real_features, fake)
@@ -205,6 +217,7 @@ def _record(
     spacing: str | None = None,
     sigmas: Tensor | None = None,
     grid_source: str | None = None,
+    guidance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     config = ctx.config
     image_metrics = [m for m in metrics if m != "bpd"]
@@ -228,7 +241,7 @@ def _record(
         "tuned_grid": grid_source,  # the grids.json the sigmas came from, tuned for checkpoint_sha256
         "nfe": NFE[sampler](steps),
         "precision": precision,
-        "guidance": None,
+        "guidance": guidance,
         "task": config.task,
         "teacher": config.distill.teacher or None,
         "teacher_sha256": config.distill.teacher_sha256 or None,
@@ -270,12 +283,14 @@ def evaluate_run(
     bpd_n: int = 256,
     device: str = "cpu",
     precision: str = "fp32",
+    guidance: GuidanceOptions | None = None,
 ) -> dict[str, Any]:
     """Sample n images from the run's EMA model and score them; returns the full record.
 
     ``precision`` bf16 / fp16 samples under autocast (recorded; the scores stay float64).
     ``sigmas`` is an explicit grid of ``steps`` steps (a tuned one: ``grid_source`` names
     its grids.json); both go into the record.
+    ``guidance`` samples through ``sculpt.guidance.Guided`` (the bits/dim stay the model's own).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
@@ -285,9 +300,15 @@ def evaluate_run(
     image_metrics = [m for m in metrics if m != "bpd"]
     shape = (ctx.config.data.channels, ctx.config.data.resolution, ctx.config.data.resolution)
     scores: dict[str, Any] = {}
+    counted = CountEvaluations(ctx.denoiser)
+    denoiser, guidance_record = guided_run(counted, ctx.config, guidance, run_dir=ctx.run_dir, device=device)
+    if guidance_record is not None and denoiser.guide is not None:
+        denoiser.guide = guide_counted = CountEvaluations(denoiser.guide)
+    num_classes = ctx.config.model.num_classes
+    labels = torch.arange(n) % num_classes if num_classes else None  # exact class balance, as generate draws
     if image_metrics:
         fake = generate(
-            ctx.denoiser,
+            denoiser,
             shape,
             n,
             sampler=sampler,
@@ -301,9 +322,22 @@ def evaluate_run(
             device=device,
             precision=precision,
         )
+        knows_classes = labels is not None and _classifier_classes(ctx.extractor) == list(ctx.dataset.class_names)
         scores.update(
-            score(image_metrics, ctx.extractor, fake, real_features=ctx.reference.feats, progress=progress, seed=seed)
+            score(
+                image_metrics,
+                ctx.extractor,
+                fake,
+                real_features=ctx.reference.feats,
+                progress=progress,
+                seed=seed,
+                labels=labels if knows_classes else None,
+            )
         )
+        if guidance_record is not None:
+            guidance_record["network_evaluations_per_sample"] = counted.rows / n
+            if guidance_record["guide"]:
+                guidance_record["guide_evaluations_per_sample"] = guide_counted.rows / n
     if "bpd" in metrics:
         scores["bpd"] = bits_per_dim(ctx, n=bpd_n, seed=seed, device=device)
     return _record(
@@ -320,7 +354,14 @@ def evaluate_run(
         spacing=spacing,
         sigmas=sigmas,
         grid_source=grid_source,
+        guidance=guidance_record,
     )
+
+
+def _classifier_classes(extractor: FeatureExtractor) -> list[str] | None:
+    """The class names a domain classifier was fitted on (None for extractors without them)."""
+    names = getattr(extractor, "config", {}).get("class_names") if hasattr(extractor, "config") else None
+    return list(names) if names is not None else None
 
 
 def _refuse_latent_bpd(ctx: RunContext) -> None:
@@ -403,18 +444,26 @@ def bits_per_dim(ctx: RunContext, *, n: int, seed: int, device: str = "cpu", pil
 
 
 def parse_sweep(items: Sequence[str]) -> dict[str, list]:
-    """["steps=5,10,20", "sampler=ddim,heun"] -> {"steps": [5, 10, 20], "sampler": ["ddim", "heun"]}."""
+    """["steps=5,10", "sampler=ddim", "guidance=0,2"] -> {"steps": [5, 10], "sampler": ["ddim"], "guidance": [0.0, 2.0]}
+
+    Steps are integers, samplers names of SAMPLERS, guidance weights floats.
+    """
     grid: dict[str, list] = {}
     for item in items:
         key, eq, values = item.partition("=")
-        if not eq or key not in ("steps", "sampler") or not values:
-            raise ValueError(f"--sweep {item!r}: expected steps=A,B,... or sampler=NAME,NAME,...")
+        if not eq or key not in ("steps", "sampler", "guidance") or not values:
+            raise ValueError(f"--sweep {item!r}: expected steps=A,B,..., sampler=NAME,NAME,... or guidance=W1,W2,...")
         parts = [v.strip() for v in values.split(",") if v.strip()]
         if key == "steps":
             try:
                 grid[key] = [int(v) for v in parts]
             except ValueError:
                 raise ValueError(f"--sweep {item!r}: steps must be integers") from None
+        elif key == "guidance":
+            try:
+                grid[key] = [float(v) for v in parts]
+            except ValueError:
+                raise ValueError(f"--sweep {item!r}: guidance weights must be numbers, e.g. guidance=0,1,2,4") from None
         else:
             unknown = [v for v in parts if v not in SAMPLERS]
             if unknown:
@@ -440,15 +489,21 @@ def sweep(
     plot: str | Path | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    guidance: GuidanceOptions | None = None,
 ) -> list[dict[str, Any]]:
-    """Quality against NFE: one evaluation per (sampler, steps) of the grid, a table and a PNG plot.
+    """Quality against NFE (or the guidance weight): one evaluation per (sampler, steps, weight), a table, a PNG.
 
+    ``grid["guidance"]`` sweeps the weight of ``guidance`` (classifier-free when it is None).
     ``tuned`` maps (sampler, steps) to a tuned grid (from ``grid_source``), used where present.
     """
     samplers = grid.get("sampler", [sampler])
     step_counts = grid.get("steps", [steps])
+    weights = grid.get("guidance", [None])
     rows = []
-    for name, count in itertools.product(samplers, step_counts):
+    for name, count, weight in itertools.product(samplers, step_counts, weights):
+        options = guidance
+        if weight is not None:
+            options = replace(guidance, weight=weight) if guidance is not None else GuidanceOptions(weight)
         record = evaluate_run(
             ctx,
             metrics=metrics,
@@ -463,10 +518,12 @@ def sweep(
             progress=progress,
             device=device,
             precision=precision,
+            guidance=options,
         )
         rows.append(record)
+        guided = f"  w {weight:>5.2f}" if weight is not None else ""
         print(
-            f"{name:<16s} steps {count:>4d}  NFE {record['nfe']:>4d}  {record['spacing']:<9s} "
+            f"{name:<16s} steps {count:>4d}  NFE {record['nfe']:>4d}{guided}  {record['spacing']:<9s} "
             + "  ".join(f"{k} {_headline(v):.4f}" for k, v in record["scores"].items()),
             flush=True,
         )
@@ -485,6 +542,8 @@ def _headline(value: Any) -> float:
 
 
 def plot_sweep(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    if len({(r["guidance"] or {}).get("weight") for r in rows}) > 1:
+        return plot_guidance_sweep(path, rows)
     from .plots import _pyplot, save_figure
 
     plt = _pyplot()
@@ -501,6 +560,37 @@ def plot_sweep(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_guidance_sweep(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """The guidance trade-off: FD (left) and precision, recall, class accuracy (right) against the weight."""
+    from .plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    metric = next(m for m in ("fid", "kid", "fid_inf", "is") if m in rows[0]["scores"])
+    weight = lambda r: (r["guidance"] or {}).get("weight", 1.0)  # noqa: E731 (unguided conditional: w = 1)
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        curves.setdefault(f"{r['sampler']} {r['steps']} steps", []).append(r)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, mine in curves.items():
+        mine = sorted(mine, key=weight)
+        left.plot([weight(r) for r in mine], [_headline(r["scores"][metric]) for r in mine], "o-", label=label)
+        for key, style in (("precision", "o-"), ("recall", "s--")):
+            if "pr" in mine[0]["scores"]:
+                values = [r["scores"]["pr"][key] for r in mine]
+                right.plot([weight(r) for r in mine], values, style, label=f"{key} ({label})")
+        if "class_accuracy" in mine[0]["scores"]:
+            values = [r["scores"]["class_accuracy"] for r in mine]
+            right.plot([weight(r) for r in mine], values, "^:", label=f"class accuracy ({label})")
+    left.set(
+        xlabel="guidance weight w", ylabel=metric.upper(), title=f"{metric.upper()} against w (n={rows[0]['n_fake']})"
+    )
+    right.set(xlabel="guidance weight w", ylim=(0, 1.02), title="precision, recall, requested-class accuracy")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "check_sigmas",
     "sample",
     "generate",
+    "class_rows",
 ]
 
 Callback = Callable[["StepInfo"], None]
@@ -583,6 +584,14 @@ def sample(
     denoise = D if not cond else (lambda x, sigma: D(x, sigma, **cond))
     with torch.inference_mode(), autocast(device, precision):
         return SAMPLERS[sampler](denoise, x, sigmas, generator=generator, callback=callback, **options)
+
+
+def class_rows(num_classes: int, n: int) -> Tensor:
+    """Labels for a class-by-class grid: ceil(n / num_classes) of each class in turn, one row per class."""
+    if num_classes < 1:
+        raise ValueError(f"class_rows needs num_classes >= 1 (got {num_classes})")
+    per_class = max(1, math.ceil(n / num_classes))
+    return torch.arange(num_classes).repeat_interleave(per_class)
 
 
 def generate(

@@ -50,7 +50,7 @@ from .run import (
     write_text,
 )
 from .runtime import autocast, tune_cpu_allocator
-from .samplers import generate, sample
+from .samplers import class_rows, generate, sample
 from .trackers import TRACKERS, make_tracker
 
 __all__ = ["train", "make_optimizer", "Interrupted", "World"]
@@ -197,7 +197,7 @@ def _sample_grid(ema_denoiser: Denoiser, config: Config, noise: Tensor, labels: 
     if isinstance(ema_denoiser, LatentDenoiser):
         images = ema_denoiser.codec.decode(images)  # a latent run's grid shows decoded pixels
     scale = max(1, 128 // config.data.resolution)
-    nrow = config.model.num_classes or None
+    nrow = len(labels) // config.model.num_classes if labels is not None else None  # one row per class
     save_grid(path, images.float().cpu(), nrow=nrow, scale=scale)
 
 
@@ -450,11 +450,13 @@ def train(
     model.net = wrapped
 
     fixed = torch.Generator().manual_seed(t.seed + 2)
-    grid_noise = torch.randn((t.num_samples, *dataset.shape), generator=fixed).to(device)
+    num_classes = config.model.num_classes
+    grid_labels = class_rows(num_classes, t.num_samples).to(device) if num_classes else None  # a row per class
+    grid_size = len(grid_labels) if num_classes else t.num_samples
+    grid_noise = torch.randn((grid_size, *dataset.shape), generator=fixed).to(device)
     if isinstance(model, AutoencoderModel):  # an autoencoder's grid reconstructs fixed training images
         grid_noise = dataset.images(torch.randperm(len(dataset), generator=fixed)[: t.num_samples]).to(device)
-    num_classes = config.model.num_classes
-    grid_labels = (torch.arange(t.num_samples) % num_classes).to(device) if num_classes else None
+        grid_labels = None
     watching = world.main and t.eval_every and not isinstance(model, AutoencoderModel)
     watcher = _TrainingFID(config, pixels, run_dir, device) if watching else None
     tracker = make_tracker(t.tracker, run_dir, config, start_step=step) if world.main and t.tracker else None
