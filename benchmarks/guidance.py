@@ -62,7 +62,15 @@ from sculpt.train import train
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "out" / "guidance"
-MNIST = ROOT.parent.parent / "shared" / "data" / "mnist-5k"
+# ../shared/data/mnist-5k beside the repository (or beside the folder holding a worktree of it)
+MNIST = (
+    next(
+        (p for p in (ROOT.parents[1] / "shared", ROOT.parents[2] / "shared") if (p / "data" / "mnist-5k").is_dir()),
+        ROOT.parents[1] / "shared",
+    )
+    / "data"
+    / "mnist-5k"
+)
 SPECS = {"digits": "digits", "mnist": f"mnist:{MNIST}"}
 
 
@@ -205,16 +213,15 @@ def benchmark(name: str, args: argparse.Namespace) -> tuple[list[str], dict]:
         return result
 
     results: dict[str, list[dict]] = {"cfg": [], "diffusers cfg": []}
-    guided_weights = [w for w in args.weights if w > 1]
     for w in args.weights:
         results["cfg"].append(evaluate(wrapper(w, K), f"cfg w={w:g}", w))
     for lo, hi in args.intervals:
         key = f"interval ({lo:g}, {hi:g}]"
-        results[key] = [evaluate(wrapper(w, K, interval=(lo, hi)), f"{key} w={w:g}", w) for w in guided_weights]
+        results[key] = [evaluate(wrapper(w, K, interval=(lo, hi)), f"{key} w={w:g}", w) for w in args.guided_weights]
     for guide_name, guide in guides.items():
         key = f"autoguidance ({guide_name})"
-        results[key] = [evaluate(wrapper(w, K, guide=guide), f"{key} w={w:g}", w) for w in guided_weights]
-    for w in guided_weights:
+        results[key] = [evaluate(wrapper(w, K, guide=guide), f"{key} w={w:g}", w) for w in args.guided_weights]
+    for w in args.peer_weights:
         results["diffusers cfg"].append(evaluate(wrapper(w, K, peer=True), f"diffusers cfg (eps) w={w:g}", w))
 
     # -- comparisons ---------------------------------------------------------------------------
@@ -247,7 +254,8 @@ def benchmark(name: str, args: argparse.Namespace) -> tuple[list[str], dict]:
                 f"acc {r['class_accuracy']:.3f}, {cost(r, guide_share)}; best CFG {cfg['fd']:.2f}: "
                 f"{r['fd'] / cfg['fd']:.2f}x"
             )
-    for mine, theirs in zip([r for r in results["cfg"] if r["w"] > 1], results["diffusers cfg"], strict=True):
+    for theirs in results["diffusers cfg"]:
+        mine = next(r for r in results["cfg"] if r["w"] == theirs["w"])
         lines.append(
             f"{name} CFG w={mine['w']:g}: sculpt (x0) FD {mine['fd']:.3f}, diffusers ClassifierFreeGuidance "
             f"(eps) FD {theirs['fd']:.3f}, {mine['fd'] / theirs['fd']:.4f}x"
@@ -320,13 +328,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--n", type=int, default=1000, help="samples per setting")
     parser.add_argument("--sample-steps", type=int, default=16)
-    parser.add_argument("--weights", default="0,1,1.5,2,3,4")
+    parser.add_argument("--weights", default="0,1,1.1,1.25,1.5,2,3,4", help="CFG's weights")
+    parser.add_argument("--guided-weights", default="1.25,1.5,2,3", help="the interval's and autoguidance's")
+    parser.add_argument("--peer-weights", default="1.5,3", help="diffusers' CFG guider beside sculpt's")
     parser.add_argument("--intervals", default="0.3:5,0.5:20", help="LO:HI pairs, comma-separated")
     parser.add_argument("--rescale", type=float, default=0.7)
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny training, n = 200")
     args = parser.parse_args()
     args.weights = [float(w) for w in args.weights.split(",")]
+    args.guided_weights = [float(w) for w in args.guided_weights.split(",")]
+    args.peer_weights = [float(w) for w in args.peer_weights.split(",")]
     args.intervals = [tuple(float(v) for v in pair.split(":")) for pair in args.intervals.split(",")]
     args.mnist_resolution = args.mnist_resolution or None
     if args.quick:
