@@ -366,8 +366,13 @@ def run_diffusers(problem: Problem) -> list[Result]:
     for family, cls, options in problem.configs:
         for target in NFES:
             model = Counted(problem.model)
-            steps = diffusers_steps(cls, options, target, problem.base)
-            x = run_diffusers_loop(cls, options, steps, problem.noise, model, problem.base)
+            try:
+                steps = diffusers_steps(cls, options, target, problem.base)
+                x = run_diffusers_loop(cls, options, steps, problem.noise, model, problem.base)
+            except (IndexError, AssertionError) as error:  # karras sigmas on cosine betas: repeated timesteps
+                print(f"  diffusers {family} [{describe(options)}] at NFE {target} failed ({error}): scored inf")
+                results.append(Result("diffusers", family, describe(options), target, model.calls, math.inf, math.nan))
+                continue
             results.append(Result("diffusers", family, describe(options), target, model.calls, *problem.score(x)))
     return results
 
@@ -623,12 +628,12 @@ def run_problem(problem: Problem, image: bool, floor_for_goals: float) -> tuple[
     tuning = run_tuned(problem)
     defaults = run_defaults(problem)
     sculpt = run_sculpt(problem)
-    diffusers = run_diffusers(problem)
     print_table("sculpt (sampler [grid])", sculpt, problem.floor, image)
     print_table("sculpt defaults and tuned grids", defaults + tuning.results, problem.floor, image)
+    print_cost(tuning)
+    diffusers = run_diffusers(problem)
     print_table("diffusers (scheduler [options])", diffusers, problem.floor, image)
     print_best_table(sculpt + diffusers)
-    print_cost(tuning)
     print()
     lines = comparisons(sculpt, diffusers) + user_comparisons(defaults, tuning, diffusers, floor_for_goals)
     print("\n".join(lines))
