@@ -376,7 +376,7 @@ def test_any_grid_with_any_sampler_and_generators_are_reproducible():
 
 def test_bad_input_messages():
     schedule = S.make("edm")
-    with pytest.raises(ValueError, match="valid names: ddpm, ddim, euler"):
+    with pytest.raises(ValueError, match="valid names: auto, ddpm, ddim, euler"):
         sample(exact, (4, 2), sampler="dpm++", schedule=schedule)
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         sample(exact, (4, 2), steps=0, schedule=schedule)

@@ -156,7 +156,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
 
     from .images import save_grid, save_trajectory
     from .run import load
-    from .samplers import NFE, generate
+    from .samplers import NFE, generate, resolve_sampling
 
     if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
@@ -165,6 +165,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     denoiser, config = load(args.run, ema=not args.raw, device=device)
     _run_defaults(args, config)
+    args.sampler, args.spacing = resolve_sampling(args.sampler, args.steps, denoiser.schedule, args.spacing)
     shape = (config.data.channels, config.data.resolution, config.data.resolution)
     labels = None
     if config.model.num_classes:
@@ -201,7 +202,8 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         scale = max(1, 256 // (config.data.resolution * max(1, int(args.n**0.5))))
         save_grid(out, images, nrow=config.model.num_classes or None, scale=max(scale, 2))
     print(
-        f"wrote {out}: {args.n} samples, {args.sampler} with {args.steps} steps ({NFE[args.sampler](args.steps)} NFE)"
+        f"wrote {out}: {args.n} samples, {args.sampler} with {args.steps} steps ({NFE[args.sampler](args.steps)} NFE) "
+        f"on the {args.spacing} grid"
     )
     if args.trajectory:
         shown = min(args.n, args.batch_size, 4)  # the trajectory follows the first batch
@@ -308,7 +310,7 @@ def _features(args: argparse.Namespace, extra: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .objectives import OBJECTIVES
-    from .samplers import SAMPLERS
+    from .samplers import AUTO, SAMPLERS
     from .schedules import GRIDS
 
     parser = argparse.ArgumentParser(prog="sculpt", description="Train, sample and evaluate diffusion models.")
@@ -361,10 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="draw samples from a trained run")
     sample.add_argument("run", help="run folder written by `sculpt train`")
     sample.add_argument(
-        "--sampler", default=None, choices=list(SAMPLERS), help="default: the run's own (train.sampler)"
+        "--sampler", default=None, choices=[AUTO, *SAMPLERS],
+        help="default: the run's own (train.sampler); auto picks the solver by the number of steps"
     )
     sample.add_argument("--steps", type=int, default=None, help="default: the run's own (train.sample_steps)")
-    sample.add_argument("--spacing", default=None, help=f"step grid: {' | '.join(GRIDS)} (default: the run's own)")
+    sample.add_argument(
+        "--spacing", default=None, help=f"step grid: {' | '.join(GRIDS)} (default: the run's own; none set: by steps)"
+    )
     sample.add_argument("-n", type=int, default=64, help="number of samples")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--label", type=int, default=None, help="class label for class-conditional runs")
@@ -388,10 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--metrics", default="fid,kid,pr", help="comma list of fid,kid,is,pr,fid_inf,bpd")
     evaluate.add_argument("-n", "--n", type=int, default=10_000, help="samples to draw")
     evaluate.add_argument(
-        "--sampler", default=None, choices=list(SAMPLERS), help="default: the run's own (train.sampler)"
+        "--sampler", default=None, choices=[AUTO, *SAMPLERS],
+        help="default: the run's own (train.sampler); auto picks the solver by the number of steps"
     )
     evaluate.add_argument("--steps", type=int, default=None, help="default: the run's own (train.sample_steps)")
-    evaluate.add_argument("--spacing", default=None, help=f"step grid: {' | '.join(GRIDS)} (default: the run's own)")
+    evaluate.add_argument(
+        "--spacing", default=None, help=f"step grid: {' | '.join(GRIDS)} (default: the run's own; none set: by steps)"
+    )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--split", default="train", help="reference split of the run's dataset")
     evaluate.add_argument(

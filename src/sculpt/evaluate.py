@@ -27,7 +27,9 @@ from .denoiser import DenoiserFn
 from .metrics.features import FeatureExtractor, get_extractor, reference_stats, train_classifier
 from .metrics.stats import density_coverage, fid_infinity, frechet_distance, inception_score, kid, precision_recall
 from .run import load, weights_hash
-from .samplers import NFE, SAMPLERS, generate  # generate lived here: still importable from sculpt.evaluate
+
+# generate lived here: still importable from sculpt.evaluate
+from .samplers import AUTO, NFE, SAMPLERS, generate, resolve_sampling
 
 __all__ = ["METRICS", "RECOMMENDED_N", "generate", "score", "evaluate_run", "sweep", "default_extractor"]
 
@@ -182,7 +184,8 @@ def _record(
     scores: dict,
     seconds: float,
     precision: str = "fp32",
-    spacing: str | None = None,
+    spacing: str,
+    chosen_by_default: list[str] | None = None,
 ) -> dict[str, Any]:
     config = ctx.config
     return {
@@ -192,7 +195,8 @@ def _record(
         "seed": seed,
         "sampler": sampler,
         "steps": steps,
-        "spacing": spacing or ctx.denoiser.schedule.default_spacing,
+        "spacing": spacing,
+        "chosen_by_default": chosen_by_default or [],  # which of sampler / spacing the step-count rule picked
         "nfe": NFE[sampler](steps),
         "precision": precision,
         "guidance": None,
@@ -237,8 +241,8 @@ def evaluate_run(
 
     ``precision`` bf16 / fp16 samples under autocast (recorded; the scores stay float64).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
+    chosen_by_default = [name for name, value in (("sampler", sampler), ("spacing", spacing)) if value in (None, AUTO)]
+    sampler, spacing = resolve_sampling(sampler, steps, ctx.denoiser.schedule, spacing)  # record what really runs
     started = time.perf_counter()
     image_metrics = [m for m in metrics if m != "bpd"]
     shape = (ctx.config.data.channels, ctx.config.data.resolution, ctx.config.data.resolution)
@@ -275,6 +279,7 @@ def evaluate_run(
         seconds=time.perf_counter() - started,
         precision=precision,
         spacing=spacing,
+        chosen_by_default=chosen_by_default,
     )
 
 
@@ -329,9 +334,11 @@ def parse_sweep(items: Sequence[str]) -> dict[str, list]:
             except ValueError:
                 raise ValueError(f"--sweep {item!r}: steps must be integers") from None
         else:
-            unknown = [v for v in parts if v not in SAMPLERS]
+            unknown = [v for v in parts if v != AUTO and v not in SAMPLERS]
             if unknown:
-                raise ValueError(f"--sweep: unknown sampler(s) {', '.join(unknown)}; valid: {', '.join(SAMPLERS)}")
+                raise ValueError(
+                    f"--sweep: unknown sampler(s) {', '.join(unknown)}; valid: {AUTO}, {', '.join(SAMPLERS)}"
+                )
             grid[key] = parts
     return grid
 
@@ -343,7 +350,7 @@ def sweep(
     metrics: list[str],
     n: int,
     seed: int = 0,
-    sampler: str = "dpmpp_2m",
+    sampler: str = AUTO,
     steps: int = 20,
     spacing: str | None = None,
     split: str = "train",
@@ -370,9 +377,11 @@ def sweep(
             device=device,
             precision=precision,
         )
+        record["sampler_requested"] = name  # the sweep's axis: "auto" stays one line across step counts
         rows.append(record)
+        label = name if name == record["sampler"] else f"{name} ({record['sampler']} {record['spacing']})"
         print(
-            f"{name:<16s} steps {count:>4d}  NFE {record['nfe']:>4d}  "
+            f"{label:<16s} steps {count:>4d}  NFE {record['nfe']:>4d}  "
             + "  ".join(f"{k} {_headline(v):.4f}" for k, v in record["scores"].items()),
             flush=True,
         )
@@ -396,8 +405,8 @@ def plot_sweep(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     plt = _pyplot()
     metric = next(m for m in ("fid", "kid", "fid_inf", "is") if m in rows[0]["scores"])
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name in dict.fromkeys(r["sampler"] for r in rows):
-        mine = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+    for name in dict.fromkeys(r.get("sampler_requested", r["sampler"]) for r in rows):
+        mine = sorted((r for r in rows if r.get("sampler_requested", r["sampler"]) == name), key=lambda r: r["nfe"])
         ax.plot([r["nfe"] for r in mine], [_headline(r["scores"][metric]) for r in mine], "o-", label=name)
     ax.set(
         xlabel="NFE (denoiser calls per sample)",

@@ -48,7 +48,7 @@ from .run import (
     write_text,
 )
 from .runtime import autocast, tune_cpu_allocator
-from .samplers import generate, sample
+from .samplers import generate, resolve_sampling, sample
 
 __all__ = ["train", "make_optimizer", "Interrupted", "World"]
 
@@ -469,7 +469,7 @@ class _TrainingFID:
             "fid": fid,
             "n": t.eval_n,
             "extractor": self.extractor.name,
-            "sampler": t.sampler,
+            "sampler": resolve_sampling(t.sampler, t.sample_steps, ema_denoiser.schedule)[0],
             "steps": t.sample_steps,
             "note": "training-time FID at small n (biased upward); report numbers from `sculpt eval`",
         }
