@@ -76,6 +76,12 @@ def test_eval_writes_a_complete_record(run_and_features, capsys):
         assert key in record, key
     assert record["n_fake"] == 160 and record["n_real"] == 1500 and record["nfe"] == 3
     assert record["versions"]["torch"] and len(record["warnings"]) == 4
+    # the run's sampler is "auto" and it names no grid: the record says what the step-count rule ran
+    from sculpt.samplers import auto_sampler
+    from sculpt.schedules import auto_spacing, make
+
+    assert (record["sampler"], record["spacing"]) == (auto_sampler(3), auto_spacing(make("cosine"), 3))
+    assert record["chosen_by_default"] == ["sampler", "spacing"]
     # the same seed gives the same numbers; the reference statistics come from the cache
     main(
         [

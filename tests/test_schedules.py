@@ -115,15 +115,30 @@ def test_uniform_grids_match_diffusers_timesteps():
             assert torch.allclose(sigmas[:-1], expected, rtol=1e-10), (spacing, steps)
 
 
-@pytest.mark.parametrize("spacing", list(S.GRIDS))
-@pytest.mark.parametrize("name", ALL + ["zsnr"])
-def test_every_grid_is_decreasing_and_ends_in_zero(spacing, name):
-    schedule = S.make("linear", zero_terminal_snr=True) if name == "zsnr" else S.make(name)
-    for steps in [1, 2, 5, 20]:
+#: Every schedule kind: discrete VP, continuous VP (sigmoid), EDM, zero terminal SNR, shifted.
+KINDS = {
+    **{name: {"name": name} for name in ALL},
+    "zsnr": {"name": "linear", "zero_terminal_snr": True},
+    "edm+zsnr": {"name": "edm", "zero_terminal_snr": True},
+    "cosine*4": {"name": "cosine", "shift": 4.0},
+    "sigmoid/res": {"name": "sigmoid", "res": 16, "base_res": 64},
+}
+
+
+@pytest.mark.parametrize("spacing", [*S.GRIDS, None])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_grid_is_decreasing_ends_in_zero_and_stays_in_the_schedules_range(spacing, kind):
+    options = dict(KINDS[kind])
+    schedule = S.make(options.pop("name"), **options)
+    for steps in [1, 2, 3, 4, 5, 8, 10, 20, 50]:
         sigmas = S.grid(schedule, steps, spacing)
         assert len(sigmas) == steps + 1, (spacing, steps, sigmas)
         assert sigmas[-1] == 0 and (sigmas[1:] < sigmas[:-1]).all()
-        if name == "zsnr" and spacing != "leading" and steps > 1:
+        levels = sigmas[:-1]
+        # within the schedule's [sigma_min, sigma_max], up to round-off (karras takes rho-th powers and roots)
+        assert levels.max() <= schedule.sigma_max * (1 + 1e-9), (spacing, steps, levels)
+        assert levels.min() >= schedule.sigma_min * (1 - 1e-9), (spacing, steps, levels)
+        if math.isinf(schedule.sigma_max) and spacing != "leading" and steps > 1:
             assert math.isinf(sigmas[0])  # zero terminal SNR starts from pure noise
 
 

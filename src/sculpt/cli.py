@@ -278,7 +278,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     from .guidance import guided_run
     from .images import save_grid, save_trajectory
     from .run import load
-    from .samplers import NFE, class_rows, generate
+    from .samplers import NFE, class_rows, generate, resolve_sampling
 
     if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
@@ -288,8 +288,11 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     denoiser, config = load(args.run, ema=not args.raw, device=device)
     asked_spacing = args.spacing
     _run_defaults(args, config)
-    sigmas, _ = _tuned_sigmas(args.run, args.raw, asked_spacing, args.sampler, args.steps)
     args.spacing = None if args.spacing == "tuned" else args.spacing
+    args.sampler, args.spacing = resolve_sampling(args.sampler, args.steps, denoiser.schedule, args.spacing)
+    sigmas, _ = _tuned_sigmas(args.run, args.raw, asked_spacing, args.sampler, args.steps)
+    if sigmas is not None:
+        args.spacing = "tuned"
     num_classes = config.model.num_classes
     _check_label(args.label, num_classes, args.run)
     denoiser, guidance = guided_run(denoiser, config, _guidance_options(args), run_dir=args.run, device=device)
@@ -343,7 +346,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         guided += f", guide {guidance['guide']}" if guidance["guide"] else ""
     print(
         f"wrote {out}: {args.n} samples{rows}, {args.sampler} with {args.steps} steps "
-        f"({NFE[args.sampler](args.steps)} NFE){guided}"
+        f"({NFE[args.sampler](args.steps)} NFE) on the {args.spacing} grid{guided}"
     )
     if args.trajectory:
         shown = min(args.n, args.batch_size, 4)  # the trajectory follows the first batch
@@ -373,6 +376,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
     from . import evaluate as ev
+    from .samplers import resolve_sampling
 
     if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
@@ -407,7 +411,8 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
             tuned, source = {}, None
             for name in grid.get("sampler", [args.sampler]):
                 for count in grid.get("steps", [args.steps]):
-                    sigmas, found = _tuned_sigmas(args.run, False, asked_spacing, name, count)
+                    concrete = resolve_sampling(name, count, ctx.denoiser.schedule, args.spacing)[0]
+                    sigmas, found = _tuned_sigmas(args.run, False, asked_spacing, concrete, count)
                     if sigmas is not None:
                         tuned[(name, count)], source = sigmas, found
             plot = args.plot or str(ctx.run_dir / "eval_sweep.png")
@@ -431,7 +436,8 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
             record = {"sweep": rows}
             print(f"wrote {plot}")
         else:
-            sigmas, source = _tuned_sigmas(args.run, False, asked_spacing, args.sampler, args.steps)
+            concrete = resolve_sampling(args.sampler, args.steps, ctx.denoiser.schedule, args.spacing)[0]
+            sigmas, source = _tuned_sigmas(args.run, False, asked_spacing, concrete, args.steps)
             record = ev.evaluate_run(
                 ctx,
                 metrics=metrics,
@@ -569,7 +575,7 @@ def _add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .objectives import OBJECTIVES
-    from .samplers import SAMPLERS
+    from .samplers import AUTO, SAMPLERS
     from .schedules import GRIDS
 
     parser = argparse.ArgumentParser(prog="sculpt", description="Train, sample and evaluate diffusion models.")
@@ -642,11 +648,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="draw samples from a trained run")
     sample.add_argument("run", help="run folder written by `sculpt train`, or diffusers:PATH (save_pretrained's)")
     sample.add_argument(
-        "--sampler", default=None, choices=list(SAMPLERS), help="default: the run's own (train.sampler)"
+        "--sampler", default=None, choices=[AUTO, *SAMPLERS],
+        help="default: the run's own (train.sampler); auto picks the solver by the number of steps"
     )
     sample.add_argument("--steps", type=int, default=None, help="default: the run's own (train.sample_steps)")
     sample.add_argument(
-        "--spacing", default=None, help=f"step grid: {' | '.join(GRIDS)} | tuned (default: tuned, else the run's)"
+        "--spacing",
+        default=None,
+        help=f"step grid: {' | '.join(GRIDS)} | tuned (default: a tuned grid, else the run's own; none set: by steps)",
     )
     sample.add_argument("-n", type=int, default=64, help="number of samples")
     sample.add_argument("--seed", type=int, default=0)
@@ -676,11 +685,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--metrics", default="fid,kid,pr", help="comma list of fid,kid,is,pr,fid_inf,bpd")
     evaluate.add_argument("-n", "--n", type=int, default=10_000, help="samples to draw")
     evaluate.add_argument(
-        "--sampler", default=None, choices=list(SAMPLERS), help="default: the run's own (train.sampler)"
+        "--sampler", default=None, choices=[AUTO, *SAMPLERS],
+        help="default: the run's own (train.sampler); auto picks the solver by the number of steps"
     )
     evaluate.add_argument("--steps", type=int, default=None, help="default: the run's own (train.sample_steps)")
     evaluate.add_argument(
-        "--spacing", default=None, help=f"step grid: {' | '.join(GRIDS)} | tuned (default: tuned, else the run's)"
+        "--spacing",
+        default=None,
+        help=f"step grid: {' | '.join(GRIDS)} | tuned (default: a tuned grid, else the run's own; none set: by steps)",
     )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--split", default="train", help="reference split of the run's dataset")

@@ -109,7 +109,21 @@ def _edm_scalings(sigma: Tensor, c_noise: Tensor, sigma_data: float) -> Scalings
         lambda s: torch.sqrt((1 + s**2) / (s**2 + sd2)),
         lambda s: torch.sqrt((s.reciprocal() ** 2 + 1) / (1 + sd2 / s**2)),
     )
-    return Scalings(c_skip, c_out, c_in, torch.log(sigma) / 4)
+    return Scalings(c_skip, c_out, c_in, _log_sigma_noise(sigma))
+
+
+#: The largest sigma whose log the ``edm`` and ``cm`` targets feed the network (see ``_log_sigma_noise``).
+SIGMA_NOISE_MAX = 1e5
+
+
+def _log_sigma_noise(sigma: Tensor) -> Tensor:
+    """EDM's noise input ln(sigma) / 4, with sigma clamped at SIGMA_NOISE_MAX.
+
+    At sigma = inf (zero terminal SNR) ln(sigma) is inf, which no network can embed. Above
+    1e5 the state differs from pure noise by alpha < 1e-5, so inf shares the input of 1e5
+    (c_noise 2.88, beyond every finite level of the zero-SNR schedules' last steps, ~1.5e4).
+    """
+    return torch.log(sigma.clamp(max=SIGMA_NOISE_MAX)) / 4
 
 
 def _cm_scalings(sigma: Tensor, c_noise: Tensor, sigma_data: float, sigma_min: float = 0.002) -> Scalings:
@@ -132,7 +146,7 @@ def _cm_scalings(sigma: Tensor, c_noise: Tensor, sigma_data: float, sigma_min: f
         lambda s: torch.sqrt((1 + s**2) / (s**2 + sd2)),
         lambda s: torch.sqrt((s.reciprocal() ** 2 + 1) / (1 + sd2 / s**2)),
     )
-    return Scalings(c_skip, c_out, c_in, torch.log(sigma) / 4)
+    return Scalings(c_skip, c_out, c_in, _log_sigma_noise(sigma))
 
 
 #: One row per prediction target: sigma, the schedule's noise input, sigma_data -> Scalings.

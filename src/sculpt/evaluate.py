@@ -32,7 +32,9 @@ from .guidance import CountEvaluations, GuidanceOptions, guided_run
 from .metrics.features import FeatureExtractor, get_extractor, reference_stats, train_classifier
 from .metrics.stats import density_coverage, fid_infinity, frechet_distance, inception_score, kid, precision_recall
 from .run import load, run_folder, weights_file, weights_hash
-from .samplers import NFE, SAMPLERS, generate  # generate lived here: still importable from sculpt.evaluate
+
+# generate lived here: still importable from sculpt.evaluate
+from .samplers import AUTO, NFE, SAMPLERS, generate, resolve_sampling
 
 __all__ = ["METRICS", "RECOMMENDED_N", "generate", "score", "evaluate_run", "sweep", "default_extractor"]
 
@@ -214,10 +216,11 @@ def _record(
     scores: dict,
     seconds: float,
     precision: str = "fp32",
-    spacing: str | None = None,
+    spacing: str,
     sigmas: Tensor | None = None,
     grid_source: str | None = None,
     guidance: dict[str, Any] | None = None,
+    chosen_by_default: list[str] | None = None,
 ) -> dict[str, Any]:
     config = ctx.config
     image_metrics = [m for m in metrics if m != "bpd"]
@@ -236,7 +239,8 @@ def _record(
         "seed": seed,
         "sampler": sampler,
         "steps": steps,
-        "spacing": spacing or ctx.denoiser.schedule.default_spacing,
+        "spacing": spacing,
+        "chosen_by_default": chosen_by_default or [],  # which of sampler / spacing the step-count rule picked
         "sigmas": [float(v) for v in sigmas] if sigmas is not None else None,
         "tuned_grid": grid_source,  # the grids.json the sigmas came from, tuned for checkpoint_sha256
         "nfe": NFE[sampler](steps),
@@ -292,18 +296,23 @@ def evaluate_run(
     its grids.json); both go into the record.
     ``guidance`` samples through ``sculpt.guidance.Guided`` (the bits/dim stay the model's own).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
+    chosen_by_default = [name for name, value in (("sampler", sampler), ("spacing", spacing)) if value in (None, AUTO)]
+    sampler, spacing = resolve_sampling(sampler, steps, ctx.denoiser.schedule, spacing)  # record what really runs
     if "bpd" in metrics:
         _refuse_latent_bpd(ctx)  # before minutes of sampling
     started = time.perf_counter()
     image_metrics = [m for m in metrics if m != "bpd"]
     shape = (ctx.config.data.channels, ctx.config.data.resolution, ctx.config.data.resolution)
     scores: dict[str, Any] = {}
-    counted = CountEvaluations(ctx.denoiser)
+    codec = getattr(ctx.denoiser, "codec", None)  # a latent run: count and guide in latent space, decode outside
+    counted = CountEvaluations(ctx.denoiser.denoiser if codec is not None else ctx.denoiser)
     denoiser, guidance_record = guided_run(counted, ctx.config, guidance, run_dir=ctx.run_dir, device=device)
     if guidance_record is not None and denoiser.guide is not None:
         denoiser.guide = guide_counted = CountEvaluations(denoiser.guide)
+    if codec is not None:
+        from .latent import LatentDenoiser
+
+        denoiser = LatentDenoiser(denoiser, codec)
     num_classes = ctx.config.model.num_classes
     labels = torch.arange(n) % num_classes if num_classes else None  # exact class balance, as generate draws
     if image_metrics:
@@ -355,6 +364,7 @@ def evaluate_run(
         sigmas=sigmas,
         grid_source=grid_source,
         guidance=guidance_record,
+        chosen_by_default=chosen_by_default,
     )
 
 
@@ -465,9 +475,11 @@ def parse_sweep(items: Sequence[str]) -> dict[str, list]:
             except ValueError:
                 raise ValueError(f"--sweep {item!r}: guidance weights must be numbers, e.g. guidance=0,1,2,4") from None
         else:
-            unknown = [v for v in parts if v not in SAMPLERS]
+            unknown = [v for v in parts if v != AUTO and v not in SAMPLERS]
             if unknown:
-                raise ValueError(f"--sweep: unknown sampler(s) {', '.join(unknown)}; valid: {', '.join(SAMPLERS)}")
+                raise ValueError(
+                    f"--sweep: unknown sampler(s) {', '.join(unknown)}; valid: {AUTO}, {', '.join(SAMPLERS)}"
+                )
             grid[key] = parts
     return grid
 
@@ -479,7 +491,7 @@ def sweep(
     metrics: list[str],
     n: int,
     seed: int = 0,
-    sampler: str = "dpmpp_2m",
+    sampler: str = AUTO,
     steps: int = 20,
     spacing: str | None = None,
     tuned: dict[tuple[str, int], Tensor] | None = None,
@@ -520,10 +532,12 @@ def sweep(
             precision=precision,
             guidance=options,
         )
+        record["sampler_requested"] = name  # the sweep's axis: "auto" stays one line across step counts
         rows.append(record)
         guided = f"  w {weight:>5.2f}" if weight is not None else ""
+        label = name if name == record["sampler"] else f"{name} ({record['sampler']})"
         print(
-            f"{name:<16s} steps {count:>4d}  NFE {record['nfe']:>4d}{guided}  {record['spacing']:<9s} "
+            f"{label:<16s} steps {count:>4d}  NFE {record['nfe']:>4d}{guided}  {record['spacing']:<9s} "
             + "  ".join(f"{k} {_headline(v):.4f}" for k, v in record["scores"].items()),
             flush=True,
         )
@@ -549,8 +563,8 @@ def plot_sweep(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     plt = _pyplot()
     metric = next(m for m in ("fid", "kid", "fid_inf", "is") if m in rows[0]["scores"])
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name in dict.fromkeys(r["sampler"] for r in rows):
-        mine = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+    for name in dict.fromkeys(r.get("sampler_requested", r["sampler"]) for r in rows):
+        mine = sorted((r for r in rows if r.get("sampler_requested", r["sampler"]) == name), key=lambda r: r["nfe"])
         ax.plot([r["nfe"] for r in mine], [_headline(r["scores"][metric]) for r in mine], "o-", label=name)
     ax.set(
         xlabel="NFE (denoiser calls per sample)",

@@ -354,7 +354,8 @@ def guided_run(
                 "guide with a weaker model (a smaller or shorter-trained run, or an early checkpoint)"
             )
         guide, _ = load(options.guide, device=device)
-        guide = getattr(guide, "denoiser", guide) if codec is not None else guide
+        if getattr(guide, "codec", None) is not None:  # guidance mixes estimates where the sampler runs: latents
+            guide = guide.denoiser
         record.update(guide=str(guide_dir), guide_sha256=guide_hash, guide_net=guide_config.model.net)
     null_cond = {"class_labels": config.model.num_classes} if guide is None else None
     guided = Guided(

@@ -76,8 +76,11 @@ def _weight_min_snr(sigma: Tensor, s: Scalings, sigma_data: float, gamma: float 
 
 
 def _weight_edm(sigma: Tensor, s: Scalings, sigma_data: float) -> Tensor:
-    # Karras et al. 2022: lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on the x0 error.
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2 * s.c_out**2
+    # Karras et al. 2022: lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on the x0 error, written
+    # (1 + sd^2 / sigma^2) / sd^2 above sigma = 1 so that sigma = inf gives its limit 1 / sd^2, not inf / inf.
+    sd2 = sigma_data**2
+    lam = torch.where(sigma > 1, (1 + sd2 / sigma**2) / sd2, (sigma**2 + sd2) / (sigma**2 * sd2))
+    return lam * s.c_out**2
 
 
 WEIGHTINGS: dict[str, Callable[[Tensor, Scalings, float], Tensor]] = {
@@ -196,6 +199,11 @@ class Denoising(Objective):
         if config.diffusion.weighting not in WEIGHTINGS:
             raise ValueError(
                 f"unknown diffusion.weighting {config.diffusion.weighting!r}; valid: {', '.join(WEIGHTINGS)}"
+            )
+        if model.prediction == "eps" and math.isinf(model.schedule.sigma_max):
+            raise ValueError(
+                "prediction 'eps' cannot be trained with zero terminal SNR: at sigma = inf the noise is the "
+                "state itself and eps carries no information about x0. Use --diffusion.prediction=v (or x0, edm)."
             )
 
     def draw(self, images: Tensor, labels: Tensor, generator: torch.Generator, step: int) -> dict[str, Tensor]:

@@ -50,7 +50,7 @@ from .run import (
     write_text,
 )
 from .runtime import autocast, tune_cpu_allocator
-from .samplers import class_rows, generate, sample
+from .samplers import class_rows, generate, resolve_sampling, sample
 from .trackers import TRACKERS, make_tracker
 
 __all__ = ["train", "make_optimizer", "Interrupted", "World"]
@@ -641,7 +641,7 @@ class _TrainingFID:
             "fid": fid,
             "n": t.eval_n,
             "extractor": self.extractor.name,
-            "sampler": t.sampler,
+            "sampler": resolve_sampling(t.sampler, t.sample_steps, ema_denoiser.schedule)[0],
             "steps": t.sample_steps,
             "note": "training-time FID at small n (biased upward); report numbers from `sculpt eval`",
         }
