@@ -89,7 +89,15 @@ def _pipeline_images(pipe, seed, steps, **options):
 
 
 def _ours(D, sampler, steps, seed):
-    x = sample(D, (3, *SHAPE), sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(seed))
+    # The scheduler's own grid (timestep_spacing), not sculpt's step-count rule: the pipelines use it.
+    x = sample(
+        D,
+        (3, *SHAPE),
+        sampler=sampler,
+        steps=steps,
+        spacing=D.schedule.default_spacing,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return x.clamp(-1, 1)
 
 
