@@ -72,19 +72,25 @@ OUT = ROOT / "out"
 # -- the problem -------------------------------------------------------------------------
 
 
-def make_mixture(dim: int) -> GaussianMixture:
-    """Five isotropic modes (std 0.08-0.12) with weights 0.40 .. 0.07, coordinates in about [-1, 1].
+def make_mixture(dim: int, modes: int = 5) -> GaussianMixture:
+    """Isotropic modes (std 0.08-0.12) of unequal weights, coordinates in about [-1, 1].
 
-    2-D: means on a circle of radius 0.7 (neighbours 0.82 apart, about 8 stds). Higher D:
-    means at random corners of [-0.5, 0.5]^D (fixed seed), far apart in every direction.
+    Five modes (the default) have weights 0.40 .. 0.07. 2-D: means on a circle of radius 0.7
+    (neighbours 0.82 apart, about 8 stds). Higher D: means at random corners of [-0.5, 0.5]^D
+    (fixed seed), far apart in every direction. Other mode counts draw weights in [1, 4]
+    (normalised) and stds in [0.08, 0.12] with a fixed seed.
     """
     weights = [0.40, 0.25, 0.15, 0.13, 0.07]
     stds = [0.10, 0.08, 0.12, 0.10, 0.09]
+    if modes != 5:
+        g = torch.Generator().manual_seed(1000 + modes)
+        weights = (1 + 3 * torch.rand(modes, generator=g, dtype=torch.float64)).tolist()
+        stds = (0.08 + 0.04 * torch.rand(modes, generator=g, dtype=torch.float64)).tolist()
     if dim == 2:
-        angles = torch.arange(5, dtype=torch.float64) * 2 * math.pi / 5 + 0.3
+        angles = torch.arange(modes, dtype=torch.float64) * 2 * math.pi / modes + 0.3
         means = 0.7 * torch.stack([angles.cos(), angles.sin()], dim=1)
     else:
-        signs = torch.randint(0, 2, (5, dim), generator=torch.Generator().manual_seed(dim)) * 2 - 1
+        signs = torch.randint(0, 2, (modes, dim), generator=torch.Generator().manual_seed(dim)) * 2 - 1
         means = 0.5 * signs.to(torch.float64)
     return GaussianMixture.make(weights, means, stds)
 

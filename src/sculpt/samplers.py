@@ -24,7 +24,10 @@ euler              steps           1st-order ODE (= ddim, eta = 0)
 euler_ancestral    steps           = ddim with eta (default 1)
 heun               2 steps - 1     2nd-order ODE, EDM Alg. 2 with churn
 dpmpp_2m           steps           DPM-Solver++(2M), 2nd-order multistep ODE
-dpmpp_3m           steps           3rd-order multistep ODE (DPM-Solver++ family)
+dpmpp_3m           steps           DPM-Solver++(3M) as published (2nd order measured)
+ipndm              steps           iPNDM (Zhang & Chen 2023), Adams-Bashforth in sigma
+ipndm3             steps           iPNDM with its order capped at 3
+ipndm_v            steps           iPNDM with variable-step weights
 dpmpp_2m_sde       steps           DPM-Solver++(2M) SDE, midpoint
 unipc              steps           UniPC-bh2 predictor-corrector, order 3 (Zhao et al. 2023)
 consistency        steps           multistep consistency sampling (Song et al. 2023)
@@ -58,7 +61,6 @@ __all__ = [
     "heun",
     "dpmpp_2m",
     "dpmpp_3m",
-    "dpmpp_3m_exact",
     "ipndm",
     "ipndm3",
     "ipndm_v",
@@ -308,15 +310,15 @@ def _phi_weights(h: float) -> tuple[float, float, float]:
     return i0, h - i0, h * h / 2 - h + i0
 
 
-def _extrapolated_data(
-    x0_hat: Tensor, lam: float, history: list[tuple[float, Tensor]], h: float, *, exact: bool
-) -> Tensor:
-    """d with (1 - r) d = integral of e^{-(h - s)} p(lam + s) ds, p the polynomial through the history.
+def _extrapolated_data(x0_hat: Tensor, lam: float, history: list[tuple[float, Tensor]], h: float) -> Tensor:
+    """DPM-Solver++(3M)'s data estimate d, with x_next = r x + (1 - r) d.
 
-    Newton's divided differences give p'(lam) and the second divided difference c (p'' = 2c).
-    ``exact`` integrates p'' against its phi-weight (the step is exact for x0_hat quadratic in
-    lambda); otherwise the curvature term is c times that weight, half as large, which is the
-    published DPM-Solver++(3M) (Lu et al. 2022; the official code and k-diffusion).
+    Newton's divided differences give p'(lam) and the second divided difference c of the
+    polynomial p through the history. The step integrates p' against its phi-weight and c
+    (not p'' = 2c) against the next one, as the published method does (Lu et al. 2022, the
+    official code and k-diffusion). The Taylor-consistent 2c makes a 3rd-order method, but
+    it lost to this one at every NFE from 3 to 20 on benchmarks/samplers.py's mixtures (by
+    up to 1.9x), so it is not kept.
     """
     i0, i1, i2 = _phi_weights(h)
     lam1, x01 = history[-1]
@@ -326,23 +328,7 @@ def _extrapolated_data(
     lam2, x02 = history[-2]
     curvature = (slope - (x01 - x02) / (lam1 - lam2)) / (lam - lam2)
     first = slope + curvature * (lam - lam1)  # p'(lam)
-    return x0_hat + (i1 / i0) * first + (i2 / i0) * (2 if exact else 1) * curvature
-
-
-def _three_step(D: DenoiserFn, x: Tensor, sigmas: Tensor, callback: Callback | None, *, exact: bool) -> Tensor:
-    """The 3rd-order multistep loop shared by dpmpp_3m and dpmpp_3m_exact."""
-    history: list[tuple[float, Tensor]] = []  # (lambda, x0_hat) at finite lambda, newest last
-    for i, sigma, sigma_next in _steps(sigmas):
-        x0_hat, eps_hat = _denoise(D, x, sigma)
-        lam = _lambda(sigma)
-        d = x0_hat
-        if sigma_next > 0 and history and math.isfinite(lam):
-            d = _extrapolated_data(x0_hat, lam, history[-2:], _lambda(sigma_next) - lam, exact=exact)
-        x = _data_step(x0_hat, eps_hat, sigma, sigma_next, d)
-        if math.isfinite(lam):
-            history.append((lam, x0_hat))
-        _report(callback, i, sigma, sigma_next, x, x0_hat)
-    return x
+    return x0_hat + (i1 / i0) * first + (i2 / i0) * curvature
 
 
 def dpmpp_3m(
@@ -356,29 +342,22 @@ def dpmpp_3m(
     """DPM-Solver++(3M) as published (Lu et al. 2022; the official code, k-diffusion's dpmpp_3m_sde at eta 0).
 
     Data prediction, multistep in lambda = -log sigma through the last three estimates. Its
-    second-difference term is half the Taylor-consistent one (``dpmpp_3m_exact``), so the
-    measured global order is 2, not 3. Lower order on the first two steps (of each segment:
-    the history starts with the call) and on a step to sigma = 0, where the exact step is
-    x0_hat itself.
+    second-difference term is half the Taylor-consistent one, so the measured global order
+    is 2, not 3. Lower order on the first two steps (of each segment: the history starts
+    with the call) and on a step to sigma = 0, where the exact step is x0_hat itself.
     """
-    return _three_step(D, x, sigmas, callback, exact=False)
-
-
-def dpmpp_3m_exact(
-    D: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-) -> Tensor:
-    """3rd-order exponential multistep in data prediction: ``dpmpp_3m`` with the exact phi-weight on p''.
-
-    x0_hat is extrapolated along lambda = -log sigma through the last three estimates and
-    integrated exactly against e^{-(lambda' - tau)}, so the step is exact for x0_hat
-    quadratic in lambda (global order 3).
-    """
-    return _three_step(D, x, sigmas, callback, exact=True)
+    history: list[tuple[float, Tensor]] = []  # (lambda, x0_hat) at finite lambda, newest last
+    for i, sigma, sigma_next in _steps(sigmas):
+        x0_hat, eps_hat = _denoise(D, x, sigma)
+        lam = _lambda(sigma)
+        d = x0_hat
+        if sigma_next > 0 and history and math.isfinite(lam):
+            d = _extrapolated_data(x0_hat, lam, history[-2:], _lambda(sigma_next) - lam)
+        x = _data_step(x0_hat, eps_hat, sigma, sigma_next, d)
+        if math.isfinite(lam):
+            history.append((lam, x0_hat))
+        _report(callback, i, sigma, sigma_next, x, x0_hat)
+    return x
 
 
 #: Adams-Bashforth coefficients for equal steps, newest first (iPNDM's fixed multistep weights).
@@ -654,7 +633,6 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "heun": heun,
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_3m": dpmpp_3m,
-    "dpmpp_3m_exact": dpmpp_3m_exact,
     "ipndm": ipndm,
     "ipndm3": ipndm3,
     "ipndm_v": ipndm_v,
@@ -675,14 +653,15 @@ OWN_GRID_SAMPLERS = ("heun", "ddpm", "euler_ancestral", "dpmpp_2m_sde")
 
 
 def auto_sampler(steps: int, schedule: Schedule | None = None) -> str:
-    """The solver ``sample`` uses when the sampler is ``auto``: ``unipc`` up to 3 steps, ``ipndm3`` to 11, ``unipc``.
+    """The solver ``sample`` uses when the sampler is ``auto``: ``unipc`` up to 3 steps, ``ipndm3`` to 9, ``unipc``.
 
     Fitted with benchmarks/defaults.py (exact Gaussian-mixture denoisers in 16 and 48 dimensions, every
     schedule kind) and on the trained digits model, each on the grid ``auto_spacing`` picks; the
-    figures are in benchmarks/README.md. From 4 to 11 steps iPNDM's Adams-Bashforth steps in sigma
-    (order 3: order 4 overshoots at 4 and 6 steps) beat the exponential integrators on both; at 3 steps
+    figures are in benchmarks/README.md. From 4 to 9 steps iPNDM's Adams-Bashforth steps in sigma
+    (order 3: order 4 overshoots at 4 and 6 steps) beat the exponential integrators on the mixtures
+    and at 5-6 steps on the digits (UniPC is better there at 4 and 8, by 17% and 5%); at 3 steps
     UniPC is the one that never loses to the old default (iPNDM's long extrapolated last step does in
-    48-D); from 12 steps, on the ``few_step`` grid, UniPC's corrector is best. The schedule does not
+    48-D); from 10 steps, on the ``few_step`` grid, UniPC's corrector is best. The schedule does not
     change the choice (it is an argument so that a rule may use it).
     """
     steps = _check_steps(steps)

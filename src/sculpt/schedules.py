@@ -596,7 +596,7 @@ GRIDS: dict[str, Callable[..., Tensor]] = {
 
 
 #: Up to this many steps the default grid is ``cosine_uniform`` (the solver mostly ``ipndm3``), then ``few_step``.
-FEW_STEPS = 11
+FEW_STEPS = 9
 
 
 def auto_spacing(schedule: Schedule, steps: int) -> str:
@@ -606,13 +606,14 @@ def auto_spacing(schedule: Schedule, steps: int) -> str:
     every schedule kind) and on the trained digits model (figures in benchmarks/README.md). The two
     disagree at few steps: the mixtures' sharp modes want levels down to ~0.1 / steps (``few_step``
     is best there by 2-9x at 3-6 steps), while the digits model scores 2-3x better when the last
-    levels stay near 0.6 (3 steps) to 0.2 (10 steps), as the cosine schedule's trailing levels do.
-    ``cosine_uniform`` (with ``auto_sampler``'s solvers) beats the old defaults (``dpmpp_2m`` on
-    ``trailing``; ``karras`` for EDM) on every mixture and schedule at 3-11 steps and on the digits
-    model at 3-8 (1.3-1.9x lower FD at 3-5), ties at 2 and is within 5% at 10. From 12 steps
-    ``few_step``, which reaches small noise levels, is best on the mixtures (2-13x below the old
-    defaults) but 5-12% above them on the digits model. ``spacing=`` overrides it (``few_step`` for
-    data with fine detail at few steps).
+    levels stay near 0.6 (3 steps) to 0.3 (5 steps), as the cosine schedule's trailing levels do.
+    Up to 9 steps ``cosine_uniform`` (with ``auto_sampler``'s solvers) beats the old defaults
+    (``dpmpp_2m`` on ``trailing``; ``karras`` for EDM) on every mixture and schedule and on the
+    digits model at the 2-8 steps measured (FD 10.5 -> 8.2 at 3, 3.8 -> 3.0 at 5; a tie at 2 and 8).
+    From 10 steps ``few_step``, which
+    reaches small noise levels, is best on the mixtures (2-13x below the old defaults, level with or
+    below diffusers' best configuration) but 5-12% above the old default on the digits model.
+    ``spacing=`` overrides it (``few_step`` for data with fine detail at few steps).
     """
     return "cosine_uniform" if _check_steps(steps) <= FEW_STEPS else "few_step"
 
