@@ -69,11 +69,17 @@ def test_tuned_grid_is_valid_and_beats_the_uniform_grids(references, sampler):
 
 def test_dp_alone_is_exact_for_ddim_and_beats_uniform(references):
     """Without refinement the grid is GITS's DP path: for DDIM its error beats the uniform grids'."""
+    from sculpt.tune import _dp_grid
+
     schedule = S.make("linear")
-    result = tune(exact, (2,), nfe=4, sampler="ddim", schedule=schedule, references=references, refine=False)
-    assert set(result.sigmas[:-1].tolist()) <= set(references[0].levels.tolist())  # a path through the candidates
+    path = _dp_grid(references[0], 4, 0.5)
+    assert set(path[:-1].tolist()) <= set(references[0].levels.tolist())  # a path through the candidates
+    dp_error = grid_error(exact, "ddim", path, references[0])
     for spacing in ("trailing", "logsnr"):
-        assert result.error < grid_error(exact, "ddim", S.grid(schedule, 4, spacing), references[0])
+        assert dp_error < grid_error(exact, "ddim", S.grid(schedule, 4, spacing), references[0])
+    # without refinement tune keeps the best of the DP path and the default grids
+    result = tune(exact, (2,), nfe=4, sampler="ddim", schedule=schedule, references=references, refine=False)
+    assert result.error <= dp_error
 
 
 def test_tuned_grid_on_a_gaussian_is_closer_to_the_exact_flow():
@@ -90,7 +96,8 @@ def test_tuned_grid_on_a_gaussian_is_closer_to_the_exact_flow():
     exact_end = mean + noise * math.sqrt(1 + top**2) * std / math.sqrt(std**2 + top**2) - mean * std / math.sqrt(
         std**2 + top**2)
     errors = {}
-    for name, kwargs in (("tuned", dict(sigmas=sigmas)), ("karras", dict(steps=3, schedule=schedule))):
+    karras = dict(steps=3, schedule=schedule, spacing="karras")
+    for name, kwargs in (("tuned", dict(sigmas=sigmas)), ("karras", karras)):
         x = sample(gaussian.denoiser, (4000, 2), sampler="dpmpp_2m", noise=noise, dtype=torch.float64, **kwargs)
         errors[name] = float((x - exact_end).pow(2).mean().sqrt())
     assert errors["tuned"] < 0.5 * errors["karras"], errors
