@@ -15,7 +15,8 @@
 3. **sculpt** samples the same weights through ``diffusers:PATH`` (``sculpt.run.load``), with its
    defaults (the run's sampler, dpmpp_2m, on the scheduler's ``timestep_spacing`` grid, x0 clipped
    as ``clip_sample`` says; also without the clamp, to show what it is worth), the best of a few
-   of its samplers and grids, and a grid tuned for the model (``sculpt.tune_grid`` where this
+   of its samplers and grids, and at NFE 5 and 10 a grid tuned for the model (``sculpt.tune_grid``
+   for dpmpp_2m and unipc, two shared reference solves of ``--tune-n`` samples, where this
    sculpt has it; otherwise "tuned: not available").
 
 FD: Frechet distance in the 128-d features of a domain classifier
@@ -54,9 +55,13 @@ ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "out" / "interop"
 NFES = (5, 10, 20)
 #: sculpt's samplers and grids tried for its "best" line.
-SCULPT_CANDIDATES = [(s, g) for s in ("dpmpp_2m", "unipc") for g in ("trailing", "few_step", "logsnr")]
-#: Samplers a grid is tuned for.
+SCULPT_CANDIDATES = [(s, g) for s in ("dpmpp_2m", "unipc") for g in ("trailing", "few_step", "logsnr")] + [
+    ("ddpm", "trailing"),
+    ("dpmpp_2m_sde", "few_step"),
+]
+#: Samplers a grid is tuned for, and at which NFE (the goal's).
 TUNED_SAMPLERS = ("dpmpp_2m", "unipc")
+TUNED_NFES = (5, 10)
 
 
 # -- the model, diffusers' recipe -----------------------------------------------------------
@@ -170,6 +175,17 @@ def find_tune_grid():
     return tune_grid
 
 
+def shared_references(D, n: int):
+    """Two reference solves (tuning, held out) shared by every tune_grid call, where sculpt.tune offers them."""
+    try:
+        from sculpt.tune import reference
+    except ImportError:
+        return {}
+    generator = torch.Generator().manual_seed(3)
+    return {"references": (reference(D, (1, 8, 8), n=n, generator=generator),
+                           reference(D, (1, 8, 8), n=n, generator=generator))}
+
+
 # -- scoring ----------------------------------------------------------------------------------
 
 
@@ -217,6 +233,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("-n", type=int, default=297, help="samples per set (capped at the 297 test digits)")
     parser.add_argument("--sets", type=int, default=1, help="disjoint sample sets per score (their mean FD)")
+    parser.add_argument("--tune-n", type=int, default=128, help="samples of each reference solve for tune_grid")
     parser.add_argument("--reuse", action="store_true", help="keep a trained model in benchmarks/out/interop/model")
     parser.add_argument("--quick", action="store_true", help="smoke run: 100 training steps, n = 150, one set")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -259,17 +276,24 @@ def main() -> None:
     defaults = {nfe: score(sculpt_images(D, total, 1, default_sampler, nfe, default_spacing)) for nfe in NFES}
     unclamped = from_diffusers(folder, clip=False)
     no_clip = {nfe: score(sculpt_images(unclamped, total, 1, default_sampler, nfe, default_spacing)) for nfe in NFES}
+    print(f"sculpt defaults ({default_sampler} {default_spacing}): "
+          + ", ".join(f"NFE {k} FD {defaults[k]:.2f} (no clamp {no_clip[k]:.2f})" for k in NFES), flush=True)
     ours: list[tuple[str, int, float]] = []
     for sampler, spacing in SCULPT_CANDIDATES:
         for nfe in NFES:
             ours.append((f"{sampler} {spacing}", nfe, score(sculpt_images(D, total, 1, sampler, nfe, spacing))))
+        print(f"sculpt {sampler} {spacing}: " + ", ".join(f"NFE {k} FD {fd:.2f}" for _, k, fd in ours[-len(NFES):]),
+              flush=True)
     tune_grid = find_tune_grid()
     tuned: dict[int, tuple[str, float]] = {}
     if tune_grid is not None:
-        for nfe in NFES:
+        shared = shared_references(D, args.tune_n)
+        for nfe in TUNED_NFES:
             for sampler in TUNED_SAMPLERS:
-                sigmas = tune_grid(D, (1, 8, 8), nfe=nfe, sampler=sampler, generator=torch.Generator().manual_seed(3))
+                sigmas = tune_grid(D, (1, 8, 8), nfe=nfe, sampler=sampler, n=args.tune_n,
+                                   generator=torch.Generator().manual_seed(3), **shared)
                 fd = score(sculpt_images(D, total, 1, sampler, sigmas=sigmas))
+                print(f"sculpt {sampler} tuned for NFE {nfe}: FD {fd:.2f}", flush=True)
                 if nfe not in tuned or fd < tuned[nfe][1]:
                     tuned[nfe] = (f"{sampler} tuned", fd)
 
@@ -286,7 +310,7 @@ def main() -> None:
         if nfe in tuned:
             lines.append(f"NFE {nfe:>2d}: sculpt {tuned[nfe][0]} FD {tuned[nfe][1]:.2f}, diffusers best ({label}) "
                          f"FD {fd_theirs:.2f}, {fd_theirs / tuned[nfe][1]:.2f}x")
-        else:
+        elif tune_grid is None:
             lines.append(f"NFE {nfe:>2d}: tuned: not available (this sculpt has no sculpt.tune_grid)")
     candidates = {"defaults": defaults[5], **({"tuned": tuned[5][1]} if 5 in tuned else {})}
     which = min(candidates, key=candidates.get)
