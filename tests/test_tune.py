@@ -214,14 +214,15 @@ def test_cli_eval_records_the_tuned_grid(tiny_run, tmp_path, capsys):
     with pytest.warns(UserWarning):
         assert main([*args, "--sweep", "steps=3,5", "--sampler", "dpmpp_2m", "--out", str(tmp_path / "s.json")]) == 0
     rows = json.loads((tmp_path / "s.json").read_text())["sweep"]
-    assert [row["spacing"] for row in rows] == ["tuned", run_spacing(run)]
+    assert [row["spacing"] for row in rows] == ["tuned", run_spacing(run, "dpmpp_2m", 5)]
 
 
-def run_spacing(run):
-    """The spacing eval records where no tuned grid exists: the schedule's own default."""
+def run_spacing(run, sampler, steps):
+    """The spacing eval records where no tuned grid exists: the step-count rule's for this sampler."""
     from sculpt.run import load
+    from sculpt.samplers import resolve_sampling
 
-    return load(run)[0].schedule.default_spacing
+    return resolve_sampling(sampler, steps, load(run)[0].schedule)[1]
 
 
 def test_cli_picks_up_a_tuned_grid_for_its_weights_only(tmp_path, capsys):

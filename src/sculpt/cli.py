@@ -291,8 +291,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     args.spacing = None if args.spacing == "tuned" else args.spacing
     args.sampler, args.spacing = resolve_sampling(args.sampler, args.steps, denoiser.schedule, args.spacing)
     sigmas, _ = _tuned_sigmas(args.run, args.raw, asked_spacing, args.sampler, args.steps)
-    if sigmas is not None:
-        args.spacing = "tuned"
+    grid_name = "tuned" if sigmas is not None else args.spacing  # what the printout names
     num_classes = config.model.num_classes
     _check_label(args.label, num_classes, args.run)
     denoiser, guidance = guided_run(denoiser, config, _guidance_options(args), run_dir=args.run, device=device)
@@ -346,7 +345,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         guided += f", guide {guidance['guide']}" if guidance["guide"] else ""
     print(
         f"wrote {out}: {args.n} samples{rows}, {args.sampler} with {args.steps} steps "
-        f"({NFE[args.sampler](args.steps)} NFE) on the {args.spacing} grid{guided}"
+        f"({NFE[args.sampler](args.steps)} NFE) on the {grid_name} grid{guided}"
     )
     if args.trajectory:
         shown = min(args.n, args.batch_size, 4)  # the trajectory follows the first batch
