@@ -221,6 +221,7 @@ def plot(path: Path, curves: dict[str, dict[int, float]], floor: float) -> None:
     ax.set(xscale="log", yscale="log", xlabel="NFE (network evaluations per sample)", ylabel="FD (classifier)",
            title="diffusers' UNet2DModel on digits: diffusers vs sculpt sampling")
     ax.set_xticks(list(NFES), [str(k) for k in NFES])
+    ax.set_xticks([], minor=True)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     save_figure(fig, path)
