@@ -545,7 +545,7 @@ def main() -> None:
     print(f"one process per side; {allocator if cpu else 'CUDA caching allocator on both sides'}")
 
     if args.profile:
-        for side in make_pair(args.profile, modes[0], args):
+        for side in make_pair(args.profile, modes[0], args):  # the first of --modes
             side("profile")
             side.close()
         return

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .runtime import PRECISIONS, tune_cpu_allocator
+from .runtime import PRECISION_CHOICES, tune_cpu_allocator
 
 
 def _schedule(args: argparse.Namespace) -> int:
@@ -668,7 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--trajectory-columns", type=int, default=8)
     sample.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     sample.add_argument("--batch-size", type=int, default=256, help="samples drawn at once (memory)")
-    sample.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast for the network")
+    sample.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISION_CHOICES,
+        help="autocast for the network (auto: bf16 on hardware with native bf16, else fp32; sampler state stays fp32)",
+    )
     sample.add_argument("--device", default=None)
     sample.set_defaults(handler=_sample)
 
@@ -717,7 +722,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--fake", default=None, help="a folder or .npz of generated images")
     evaluate.add_argument("--out", default=None, help="where to write the record (default RUN/eval.json)")
     evaluate.add_argument("--device", default=None)
-    evaluate.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast for sampling")
+    evaluate.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISION_CHOICES,
+        help="autocast for sampling (auto: bf16 on hardware with native bf16, else fp32; recorded resolved)",
+    )
     evaluate.set_defaults(handler=_eval)
 
     export = commands.add_parser(

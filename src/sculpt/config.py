@@ -59,7 +59,7 @@ class TrainConfig:
     ema_max: float = 0.9995  #: cap on the EMA decay
     label_dropout: float = 0.1  #: with class_cond, drop labels to the null class (for guidance)
     seed: int = 0  #: seeds the weights, the batch order, the noise and the dropout masks
-    precision: str = "fp32"  #: fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
+    precision: str = "auto"  #: auto (bf16 where the hardware has it, else fp32; recorded resolved) | fp32 | bf16 | fp16
     compile: bool = False  #: torch.compile the network
     channels_last: bool = False  #: NHWC memory format (faster convolutions on GPUs and some CPUs)
     world_size: int = 1  #: resolved: number of data-parallel processes

@@ -32,6 +32,7 @@ from .guidance import CountEvaluations, GuidanceOptions, guided_run
 from .metrics.features import FeatureExtractor, get_extractor, reference_stats, train_classifier
 from .metrics.stats import density_coverage, fid_infinity, frechet_distance, inception_score, kid, precision_recall
 from .run import load, run_folder, weights_file, weights_hash
+from .runtime import resolve_precision
 
 # generate lived here: still importable from sculpt.evaluate
 from .samplers import AUTO, NFE, SAMPLERS, generate, resolve_sampling
@@ -297,6 +298,7 @@ def evaluate_run(
     ``guidance`` samples through ``sculpt.guidance.Guided`` (the bits/dim stay the model's own).
     """
     chosen_by_default = [name for name, value in (("sampler", sampler), ("spacing", spacing)) if value in (None, AUTO)]
+    precision = resolve_precision(precision, device)  # record what really runs
     sampler, spacing = resolve_sampling(sampler, steps, ctx.denoiser.schedule, spacing)  # record what really runs
     if "bpd" in metrics:
         _refuse_latent_bpd(ctx)  # before minutes of sampling

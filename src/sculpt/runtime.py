@@ -19,10 +19,15 @@ import ctypes
 import os
 import sys
 
-__all__ = ["PRECISIONS", "autocast", "tune_cpu_allocator"]
+__all__ = ["PRECISION_CHOICES", "PRECISIONS", "autocast", "native_bf16", "resolve_precision", "tune_cpu_allocator"]
 
-#: Precisions the training loop and the samplers accept: autocast dtypes, fp32 meaning none.
+#: Precisions the training loop and the samplers run at: autocast dtypes, fp32 meaning none.
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: What a user may ask for: a precision, or ``auto`` (bf16 where the hardware has it, else fp32).
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+
+#: /proc/cpuinfo flags of CPUs with native bfloat16 arithmetic (AVX512-BF16 dot products, AMX tiles).
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -59,18 +64,60 @@ def tune_cpu_allocator() -> bool:
     return _applied
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device) -> bool:
+    """Whether `device` computes in bfloat16 natively: a CUDA GPU with bf16 (Ampere and newer), or a
+    CPU with AVX512-BF16 or AMX, where oneDNN's bf16 convolutions and matmuls are fast.
+
+    Elsewhere bf16 is emulated (slower than float32 on most CPUs), so ``auto`` stays float32.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(check) for check in checks):
+        try:
+            return any(check() for check in checks)
+        except RuntimeError:  # a build without the CPU capability probes
+            pass
+    return bool(_cpu_flags() & set(_CPU_BF16_FLAGS))
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``auto`` -> ``bf16`` where `device` has native bfloat16 (`native_bf16`), else ``fp32``; others as given."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISION_CHOICES)}")
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def autocast(device, precision: str):
     """The context a network runs under at ``precision``: ``torch.autocast`` to bf16 / fp16, or nothing.
 
     Autocast lowers matmuls and convolutions only; the samplers' arithmetic and the losses
-    stay in float32.
+    stay in float32. ``auto`` is resolved for `device` first (`resolve_precision`).
     """
     import contextlib
 
     import torch
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

@@ -49,7 +49,7 @@ from .run import (
     save_checkpoint,
     write_text,
 )
-from .runtime import autocast, tune_cpu_allocator
+from .runtime import PRECISION_CHOICES, autocast, resolve_precision, tune_cpu_allocator
 from .samplers import class_rows, generate, resolve_sampling, sample
 from .trackers import TRACKERS, make_tracker
 
@@ -173,6 +173,11 @@ def _check_config(config: Config) -> None:
         raise ValueError(f"train.grad_accum must be >= 1 (got {t.grad_accum})")
     if t.log_every < 1 or t.sample_every < 0 or t.checkpoint_every < 0:
         raise ValueError("train.log_every must be >= 1; sample_every and checkpoint_every >= 0")
+    if t.precision not in PRECISION_CHOICES:
+        raise ValueError(
+            f"train.precision must be one of {', '.join(PRECISION_CHOICES)} (got {t.precision!r}); "
+            "auto picks bf16 on hardware with native bf16, fp32 elsewhere"
+        )
     if t.tracker not in TRACKERS:
         raise ValueError(f"train.tracker must be one of {', '.join(repr(k) for k in TRACKERS)} (got {t.tracker!r})")
     if config.data.workers is not None and config.data.workers < 0:
@@ -377,6 +382,7 @@ def train(
             config.train,
             world_size=world.size,
             effective_batch=config.train.batch_size * world.size * config.train.grad_accum,
+            precision=resolve_precision(config.train.precision, device),  # recorded as what ran
         ),
     )
     t = config.train
