@@ -26,7 +26,8 @@ activations, gradients and temporaries. On CUDA it is ``torch.cuda.max_memory_al
 on the CPU the process RSS (/proc/self/statm) sampled every millisecond by a thread,
 after ``malloc_trim`` has handed freed memory back, during one untimed step.
 
-    python benchmarks/throughput.py                    # CPU, 1 thread: about 7 minutes on 2 cores
+    python benchmarks/throughput.py                    # CPU, 1 thread, fp32 and bf16: about 12 minutes on 2 cores
+    python benchmarks/throughput.py --compile          # adds torch.compile rows (compile seconds printed apart)
     python benchmarks/throughput.py --same-allocator   # the networks alone: both sides tune malloc
     python benchmarks/throughput.py --quick            # smoke run, batch 8
     python benchmarks/throughput.py --device cuda --compile
@@ -285,7 +286,7 @@ def measure(sides: list[Remote], reps: int, inner: int, memory: bool) -> None:
     """Warm up, take each side's peak memory in one untimed step, then alternate timed repetitions."""
     for what in ("sample", "train"):
         for side in sides:
-            side("warm", what)
+            setattr(side, f"{what}_first_s", side("warm", what))  # with torch.compile: the compile time
             if memory:
                 setattr(side, f"{what}_mb", side("memory", what))
             else:
@@ -334,7 +335,9 @@ def _serve(connection, name: str, model: str, mode: Mode, options: dict, tune_al
             step = getattr(side, f"{rest[0]}_step") if rest else None
             answer = None
             if command == "warm":  # first call: kernel selection, optimizer state, compilation
+                began = time.perf_counter()
                 step()
+                answer = time.perf_counter() - began
             elif command == "memory":
                 with PeakMemory(device) as peak:
                     step()
@@ -368,6 +371,7 @@ class Remote:
         self.train_s: list[float] = []
         self.sample_s: list[float] = []
         self.train_mb = self.sample_mb = float("nan")
+        self.train_first_s = self.sample_first_s = float("nan")
         context = multiprocessing.get_context("spawn")
         self._connection, child = context.Pipe()
         self._process = context.Process(
@@ -448,7 +452,50 @@ def machine(device: torch.device, threads: int) -> str:
         name = f"{info['model name']} ({family}; {' '.join(extensions)})"
     except (OSError, KeyError, ValueError):
         pass
-    return f"{name}, {os.cpu_count()} logical cores, {threads} torch thread(s), torch {torch.__version__}"
+    return f"{name}, {os.cpu_count()} logical cores, {threads} torch thread(s), {versions()}"
+
+
+def versions() -> str:
+    """torch, its oneDNN and BLAS, diffusers, numpy, Python: what the figures depend on besides the CPU."""
+    import numpy
+
+    parts = [f"torch {torch.__version__}"]
+    config = torch.__config__.show()
+    for keys, label in ((("oneDNN", "MKL-DNN"), "oneDNN"), (("Math Kernel Library",), "MKL")):
+        line = next((line for line in config.splitlines() if any(key in line for key in keys)), "")
+        found = [word for word in line.replace(",", " ").split() if word[:1] in "v0123456789" and "." in word]
+        if found:
+            parts.append(f"{label} {found[0].lstrip('v')}")
+    try:
+        import diffusers
+
+        parts.append(f"diffusers {diffusers.__version__}")
+    except ImportError:
+        pass
+    parts += [f"numpy {numpy.__version__}", f"Python {platform.python_version()}"]
+    return ", ".join(parts)
+
+
+def summary(model: str, mode: Mode, what: str, sculpt: Remote, other: Remote, batch: int) -> str:
+    """One comparison: each side's median img/s with its range, and the median of the pairwise ratios.
+
+    Repetition i of the two sides ran back to back (A B A B ...), so the ratio of pair i cancels
+    most of a drift in the machine's speed; its median and range are the figures to quote.
+    """
+    rates = [[batch / s for s in getattr(side, f"{what}_s")] for side in (sculpt, other)]
+    ratios = [a / b for a, b in zip(*rates, strict=True)]
+    first = ""
+    if mode.compile:
+        seconds = [getattr(side, f"{what}_first_s") for side in (sculpt, other)]
+        first = f"; first step (compiling) sculpt {seconds[0]:.0f} s, diffusers {seconds[1]:.0f} s"
+    parts = [
+        f"{name} {statistics.median(r):.1f} img/s ({min(r):.1f}-{max(r):.1f})"
+        for name, r in (("sculpt", rates[0]), ("diffusers", rates[1]))
+    ]
+    return (
+        f"{model} {mode} {what}: {parts[0]}, {parts[1]}{first}, "
+        f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} pairs)"
+    )
 
 
 def make_pair(model: str, mode: Mode, args) -> list[Remote]:
@@ -485,7 +532,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 8, DiT depth 2, one repetition")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per side (alternating)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per side (alternating, A B A B ...)")
     parser.add_argument("--threads", type=int, default=1, help="CPU torch threads (1 keeps a shared machine fair)")
     parser.add_argument("--models", default="unet,dit")
     parser.add_argument("--modes", default=None, help="comma list, e.g. fp32,bf16,fp32+cl,bf16+cl+compile")
@@ -519,7 +566,7 @@ def main() -> None:
         modes = [Mode.parse(text) for text in args.modes.split(",")]
     elif cpu:
         # fp16 is left out: CPUs without AVX512-FP16 have no fast fp16 kernels (ask with --modes).
-        modes = [Mode.parse(text) for text in ("fp32", "bf16", "fp32+cl", "bf16+cl")]
+        modes = [Mode.parse(text) for text in ("fp32", "bf16")]  # sculpt's UNet runs fp32 in channels_last itself
         if args.compile:
             modes += [Mode.parse(text) for text in ("fp32+compile", "bf16+compile")]
     else:
@@ -529,13 +576,12 @@ def main() -> None:
             modes += [Mode.parse(text) for text in (f"{low}+compile", f"{low}+cl+compile")]
     models = args.models.split(",")
 
-    import diffusers
-
-    print(f"machine: {machine(device, args.threads if cpu else 0)}, diffusers {diffusers.__version__}")
+    print(f"machine: {machine(device, args.threads if cpu else 0)}")
     dit_name = f"DiT-S/{args.dit_patch}" + ("" if args.dit_depth == 12 else f" at depth {args.dit_depth}")
     print(
         f"config: {RESOLUTION}x{RESOLUTION}x{CHANNELS}, batch {args.batch}; unet {UNET}, scale-shift; "
-        f"dit {dit_name} ({NUM_CLASSES} classes); {args.reps} timed repetitions after warm-up, medians"
+        f"dit {dit_name} ({NUM_CLASSES} classes); {args.reps} timed repetitions per side after warm-up, "
+        "alternating; medians, (ranges)"
     )
     check_parameter_counts(args)
 
@@ -590,11 +636,8 @@ def main() -> None:
             f"| {sample[0]:8.1f}{sample[1]:10.1f}{sample[0] / sample[1]:9.2f}x "
             f"| {sculpt.train_mb:8.0f}{other.train_mb:10.0f} | {sculpt.sample_mb:8.0f}{other.sample_mb:10.0f}"
         )
-        for what, pair in (("train", train), ("sample", sample)):
-            lines.append(
-                f"{model} {mode} {what}: sculpt {pair[0]:.1f} img/s, diffusers {pair[1]:.1f} img/s, "
-                f"{pair[0] / pair[1]:.2f}x"
-            )
+        for what in ("train", "sample"):
+            lines.append(summary(model, mode, what, sculpt, other, args.batch))
     print()
     print("\n".join(lines))
     print(f"\nmachine: {machine(device, args.threads if cpu else 0)}")
