@@ -13,7 +13,7 @@ from sculpt.run import load
 pytestmark = pytest.mark.slow
 
 COMMON = ["--train.log_every=1", "--train.sample_every=0", "--train.num_samples=4", "--train.sample_steps=2",
-          '--model.net_options={"base_channels": 16}', "--train.warmup=2"]
+          '--model.net_options={"base_channels": 16}', "--train.warmup=2", "--train.precision=fp32"]
 
 
 def run(args, procs=1, launcher="torchrun", command="train"):
@@ -23,7 +23,8 @@ def run(args, procs=1, launcher="torchrun", command="train"):
         + ["--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"],
     }
     common = COMMON if command == "train" else [a for a in COMMON if not a.startswith("--model.")]
-    command = (launchers[launcher] if procs > 1 else [sys.executable]) + ["-m", "sculpt", command, *args, *common]
+    # the test's own flags come last: they override the common ones
+    command = (launchers[launcher] if procs > 1 else [sys.executable]) + ["-m", "sculpt", command, *common, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -49,6 +50,17 @@ def test_two_processes_take_the_steps_of_one_with_twice_the_batch(tmp_path):
     flat_a = torch.cat([p.flatten() for p in a.state_dict().values()])
     flat_b = torch.cat([p.flatten() for p in b.state_dict().values()])
     assert (flat_a - flat_b).norm() / flat_a.norm() < 1e-3
+
+
+def test_with_dropout_two_processes_take_the_steps_of_one_with_twice_the_batch(tmp_path):
+    drop = '--model.net_options={"base_channels": 16, "dropout": 0.3}'
+    run(["--out", str(tmp_path / "one"), "--steps", "5", "--train.batch_size=16", drop])
+    run(["--out", str(tmp_path / "two"), "--steps", "5", "--train.batch_size=8", drop], procs=2)
+    run(["--out", str(tmp_path / "none"), "--steps", "5", "--train.batch_size=16"])
+    one, two, none = losses(tmp_path / "one"), losses(tmp_path / "two"), losses(tmp_path / "none")
+    assert one == pytest.approx(two, rel=1e-4, abs=1e-6)  # the same masks, not only the same distribution
+    # and dropout was on (small at first: it sits before the zero-initialised conv of each block)
+    assert one[0] == none[0] and one[-1] != none[-1]
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):

@@ -217,14 +217,33 @@ def test_a_deleted_file_is_counted_in_the_log(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in lines)
 
 
-def test_dropout_seeds_differ_by_process_and_step_and_resume_exactly(tmp_path):
-    assert len({_network_seed(0, rank, step) for rank in range(4) for step in range(50)}) == 200
-    assert _network_seed(0, 1, 7) == _network_seed(0, 1, 7) != _network_seed(1, 1, 7)
+def test_dropout_seeds_differ_by_step_and_resume_exactly(tmp_path):
+    assert len({_network_seed(seed, step) for seed in range(4) for step in range(50)}) == 200
+    assert _network_seed(0, 7) == _network_seed(0, 7) != _network_seed(1, 7)
     drop = {"model.net_options": '{"base_channels": 16, "dropout": 0.3}', "train.log_every": 1}
     whole = train(tiny(tmp_path / "whole", **drop, **{"train.steps": 8}), progress=False)
     train(tiny(tmp_path / "part", **drop, **{"train.steps": 3, "train.checkpoint_every": 0}), progress=False)
     train(tiny(tmp_path / "part", **drop, **{"train.steps": 8}), resume=True, progress=False)
     assert [r["loss"] for r in log(tmp_path / "part")] == [r["loss"] for r in log(whole)]
+
+
+def test_dropout_masks_are_the_global_batch_rows_whatever_the_split():
+    from sculpt.nets.layers import Dropout, batch_share
+
+    layer = Dropout(0.4).train()
+    x = torch.randn(8, 3, 4, 4)
+    torch.manual_seed(11)
+    whole = layer(x)  # one process, the global batch of 8
+    kept = (whole != 0).float().mean().item()
+    assert 0.45 < kept < 0.75 and torch.allclose(whole[whole != 0], (x / 0.6)[whole != 0])
+    for size, rows in ((2, 4), (4, 2)):
+        parts = []
+        for rank in range(size):
+            torch.manual_seed(11)  # every process seeds alike (train: _network_seed(seed, step))
+            with batch_share(rank, size):
+                parts.append(layer(x[rank * rows : (rank + 1) * rows]))
+        assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(layer.eval()(x), x)
 
 
 def test_tensorboard_events_hold_the_logged_losses(tmp_path):

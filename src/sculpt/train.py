@@ -35,6 +35,7 @@ from .images import save_grid
 from .latent import Codec, LatentDenoiser, latent_dataset, open_codec, resolve_latent
 from .metrics.features import get_extractor, reference_stats
 from .metrics.stats import frechet_distance
+from .nets.layers import batch_share
 from .objectives import AutoencoderModel, Objective
 from .plots import plot_loss
 from .run import (
@@ -293,14 +294,15 @@ def _my_slice(
     return batch
 
 
-def _network_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of the network's own randomness (dropout) for one process at one step.
+def _network_seed(seed: int, step: int) -> int:
+    """The seed of the network's own randomness (dropout) at one step, the same on every process.
 
-    A pure function of (seed, rank, step), so a resumed run draws the masks it would have
-    drawn, on every process and every device, without saving RNG states; each process
-    draws its own masks (one seed for all would give every process the same masks).
+    A pure function of (seed, step), so a resumed run draws the masks it would have drawn, on
+    every device, without saving RNG states. Every process draws the global batch's masks from it
+    and keeps its own rows (`sculpt.nets.layers.batch_share`), so N processes of batch B drop
+    what one process of batch N * B drops.
     """
-    return int(np.random.SeedSequence((seed, rank, step, 0x5EED)).generate_state(1, dtype=np.uint64)[0])
+    return int(np.random.SeedSequence((seed, step, 0x5EED)).generate_state(1, dtype=np.uint64)[0])
 
 
 def _training_state(
@@ -482,7 +484,7 @@ def train(
         while not last:
             # -- one optimizer step ---------------------------------------------------------
             objective.begin_step(step, net, ema)
-            torch.manual_seed(_network_seed(t.seed, world.rank, step))  # dropout: this process's masks, this step
+            torch.manual_seed(_network_seed(t.seed, step))  # dropout: the global batch's masks at this step
             for group in optimizer.param_groups:
                 group["lr"] = t.lr * min(1.0, (step + 1) / max(t.warmup, 1))
             optimizer.zero_grad(set_to_none=True)
@@ -493,7 +495,11 @@ def train(
                 batch = _my_slice(draws, stand_in, images, world, t.batch_size, device, t.channels_last)
                 # gradients are averaged across processes only on the last micro-batch
                 sync = world.size == 1 or micro == t.grad_accum - 1
-                with autocast(device, t.precision), nullcontext() if sync else wrapped.no_sync():
+                with (
+                    autocast(device, t.precision),
+                    batch_share(world.rank, world.size),  # dropout keeps this process's rows of global masks
+                    nullcontext() if sync else wrapped.no_sync(),
+                ):
                     loss = objective.loss(batch, step).mean()
                     scaler.scale(loss / t.grad_accum).backward()
                 window_loss += loss.detach() / t.grad_accum

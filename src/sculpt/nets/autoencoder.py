@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import AttentionBlock, Downsample, Upsample, group_norm
+from .layers import AttentionBlock, Downsample, Dropout, Upsample, group_norm
 
 __all__ = ["AUTOENCODERS", "Autoencoder", "PatchDiscriminator", "nearest_valid_sizes"]
 
@@ -38,7 +38,7 @@ class _ResnetBlock(nn.Module):
         self.norm1 = group_norm(in_channels, norm_groups, eps=1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels, norm_groups, eps=1e-6)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 

@@ -15,7 +15,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from .layers import attention, timestep_embedding
+from .layers import Dropout, attention, timestep_embedding
 
 __all__ = ["DIT_NETS", "DiT", "patchify", "unpatchify"]
 
@@ -139,7 +139,7 @@ class DiTBlock(nn.Module):
             nn.GELU(approximate="tanh"),
             nn.Linear(mlp_hidden, hidden_size),
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:

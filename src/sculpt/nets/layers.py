@@ -6,7 +6,10 @@ Nothing here knows about diffusion: the noise level arrives as a float per sampl
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,8 @@ __all__ = [
     "AttentionBlock",
     "attention",
     "Downsample",
+    "Dropout",
+    "batch_share",
     "NoiseEmbedding",
     "ResBlock",
     "Upsample",
@@ -82,6 +87,45 @@ def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -
     return embedding
 
 
+#: (rank, world size) of the data-parallel process running the network; see `batch_share`.
+_SHARE: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar("sculpt_batch_share", default=(0, 1))
+
+
+@contextlib.contextmanager
+def batch_share(rank: int, world_size: int) -> Iterator[None]:
+    """Within this context the network's batch is rows ``rank * B : (rank + 1) * B`` of a global batch
+    of ``world_size * B``: `Dropout` draws the global batch's masks and keeps this process's rows.
+
+    With every process seeding torch's generator alike, N processes of batch B then drop exactly
+    the units one process of batch N * B drops (the training loop sets it).
+    """
+    token = _SHARE.set((rank, world_size))
+    try:
+        yield
+    finally:
+        _SHARE.reset(token)
+
+
+class Dropout(nn.Dropout):
+    """Dropout whose masks depend on the global batch, not on how it is split over processes.
+
+    The mask is drawn for the whole global batch (`batch_share`; one process: its own batch)
+    from torch's default generator, and this process keeps its rows: N processes of batch B
+    draw what one process of batch N * B draws, so data-parallel training takes the same steps
+    with dropout on. Inverted dropout: kept units are scaled by 1 / (1 - p), as `nn.Dropout`.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return torch.zeros_like(x)
+        rank, size = _SHARE.get()
+        rows = x.shape[0]
+        keep = torch.empty((rows * size, *x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * keep[rank * rows : (rank + 1) * rows].div_(1 - self.p)
+
+
 class NoiseEmbedding(nn.Module):
     """Sinusoidal features of c_noise followed by Linear-SiLU-Linear (Ho et al. 2020)."""
 
@@ -125,7 +169,7 @@ class ResBlock(nn.Module):
         self.emb_proj = nn.Linear(emb_dim, out_channels * (2 if scale_shift else 1))
         self.norm2 = group_norm(out_channels, norm_groups)
         # nn.Identity when dropout is off: nn.Dropout(0) still costs a pass in training.
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
