@@ -219,3 +219,24 @@ def test_compiled_training_takes_the_same_steps_and_saves_plain_weights(tmp_path
     sigma = torch.linspace(0.1, 10, 8)
     with torch.no_grad():
         assert torch.allclose(denoiser(x, sigma), reference(x, sigma), atol=1e-3)
+
+
+def test_learning_rate_warms_up_then_decays_to_its_final_fraction(tmp_path):
+    from dataclasses import replace
+
+    from sculpt.config import TrainConfig
+    from sculpt.train import learning_rate
+
+    t = TrainConfig(steps=300, warmup=100, lr=2e-3, lr_decay="cosine", lr_final=0.1)
+    assert learning_rate(t, 0) == pytest.approx(2e-5)
+    assert learning_rate(t, 99) == pytest.approx(2e-3)
+    assert learning_rate(t, 199) == pytest.approx(2e-3 * (0.1 + 0.9 * 0.5))  # halfway through the decay
+    assert learning_rate(t, 299) == pytest.approx(2e-4)
+    assert learning_rate(replace(t, lr_decay="linear", lr_final=0.0), 199) == pytest.approx(1e-3)
+    assert learning_rate(replace(t, lr_decay="none"), 299) == 2e-3
+    run = train(tiny_config(tmp_path / "run", **{"train.steps": 6, "train.lr_decay": "linear"}), progress=False)
+    logged = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()]
+    lr = Config().train.lr  # warmup 3 (TINY), then down to 0 at the last of 6 steps
+    assert logged == pytest.approx([lr / 3, 2 * lr / 3, lr, 2 * lr / 3, lr / 3, 0.0], abs=1e-12)
+    with pytest.raises(ValueError, match="train.lr_decay must be one of none, cosine, linear"):
+        train(tiny_config(tmp_path / "bad", **{"train.lr_decay": "step"}), progress=False)

@@ -53,6 +53,8 @@ class TrainConfig:
     grad_accum: int = 1  #: micro-batches per optimizer step
     lr: float = 2e-3  #: AdamW learning rate (after warmup)
     warmup: int = 100  #: linear learning-rate warmup steps
+    lr_decay: str = "none"  #: after warmup: none (constant) | cosine | linear, down to lr * lr_final over train.steps
+    lr_final: float = 0.0  #: the decayed learning rate at the last step, as a fraction of lr
     weight_decay: float = 0.0  #: AdamW decoupled weight decay
     grad_clip: float = 1.0  #: max global gradient norm (0: off)
     ema_power: float = 0.75  #: EMA decay 1 - (1 + step)^-power (Karras et al.'s power schedule)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import config as cfg
-from .config import Config
+from .config import Config, TrainConfig
 from .data import AnyDataset, StreamingDataset, batches, load_dataset
 from .denoiser import Denoiser
 from .evaluate import default_extractor
@@ -174,6 +174,11 @@ def _check_config(config: Config) -> None:
         raise ValueError(f"train.grad_accum must be >= 1 (got {t.grad_accum})")
     if t.log_every < 1 or t.sample_every < 0 or t.checkpoint_every < 0:
         raise ValueError("train.log_every must be >= 1; sample_every and checkpoint_every >= 0")
+    if t.lr_decay not in LR_DECAYS or not 0 <= t.lr_final <= 1:
+        raise ValueError(
+            f"train.lr_decay must be one of {', '.join(LR_DECAYS)} and train.lr_final in [0, 1] "
+            f"(got {t.lr_decay!r}, {t.lr_final})"
+        )
     if t.precision not in PRECISION_CHOICES:
         raise ValueError(
             f"train.precision must be one of {', '.join(PRECISION_CHOICES)} (got {t.precision!r}); "
@@ -292,6 +297,20 @@ def _my_slice(
                 value = value.contiguous(memory_format=torch.channels_last)
         batch[name] = value
     return batch
+
+
+LR_DECAYS = ("none", "cosine", "linear")
+
+
+def learning_rate(t: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup over ``warmup`` steps, then
+    constant (``lr_decay="none"``) or a cosine / linear decay to ``lr * lr_final`` at step ``steps - 1``.
+    """
+    if step < t.warmup or t.lr_decay == "none":
+        return t.lr * min(1.0, (step + 1) / max(t.warmup, 1))
+    progress = min(1.0, (step - t.warmup + 1) / max(1, t.steps - t.warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_decay == "cosine" else 1 - progress
+    return t.lr * (t.lr_final + (1 - t.lr_final) * shape)
 
 
 def _network_seed(seed: int, step: int) -> int:
@@ -486,7 +505,7 @@ def train(
             objective.begin_step(step, net, ema)
             torch.manual_seed(_network_seed(t.seed, step))  # dropout: the global batch's masks at this step
             for group in optimizer.param_groups:
-                group["lr"] = t.lr * min(1.0, (step + 1) / max(t.warmup, 1))
+                group["lr"] = learning_rate(t, step)
             optimizer.zero_grad(set_to_none=True)
             for micro in range(t.grad_accum):
                 images, labels = next(stream)  # this process's rows of the images; the global batch's labels
