@@ -412,3 +412,19 @@ def test_batch_sampler_state_checks():
     used.load_state_dict(fresh.state_dict())  # seed 7, still epoch 0
     for _ in range(3):
         assert all(torch.equal(a, b) for a, b in zip(next(used), next(fresh), strict=True))
+
+
+def test_digits_are_read_from_scikit_learns_file_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from sculpt.data import _digits_arrays
+
+    images, target = _digits_arrays()
+    reference = load_digits()
+    assert np.array_equal(images, reference.images) and np.array_equal(target, reference.target)
+    probe = "import sys; from sculpt.data import load_dataset; load_dataset('digits'); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

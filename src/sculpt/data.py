@@ -297,14 +297,38 @@ def _set_size(dataset: ImageDataset, resolution: int | None, channels: int | Non
 # ----------------------------------------------------------------------------- built-in sets
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The digits' images [1797, 8, 8] and labels [1797], read from scikit-learn's own data file.
+
+    Importing ``sklearn`` (SciPy and all) takes about 3 s, longer than a short training run's
+    set-up; the file it reads (``sklearn/datasets/data/digits.csv.gz``: 64 pixels then the
+    label per row) is located without importing it. Falls back to ``load_digits`` if the
+    package keeps its data elsewhere.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise ModuleNotFoundError(
+            "the digits dataset comes with scikit-learn: pip install scikit-learn (or pip install sculpt)"
+        )
+    for root in spec.submodule_search_locations or ():
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target
+
+
 def _load_digits(split: str) -> ImageDataset:
     """scikit-learn's 1797 8x8 digits, values 0..16 (stored as such: max_value 16); the last 297 are "test"."""
-    from sklearn.datasets import load_digits  # heavy import, only when asked for
-
     _check_split(split)
-    digits = load_digits()
-    pixels = torch.from_numpy(digits.images.astype(np.uint8))
-    labels = torch.from_numpy(digits.target.astype(np.int64))
+    images, target = _digits_arrays()
+    pixels = torch.from_numpy(images.astype(np.uint8))
+    labels = torch.from_numpy(target.astype(np.int64))
     part = slice(None, -DIGITS_TEST_SIZE) if split == "train" else slice(-DIGITS_TEST_SIZE, None)
     return ImageDataset(
         pixels[part, None].contiguous(), labels[part].contiguous(), 10, MNIST_CLASSES[:], f"digits-{split}", 16
