@@ -189,6 +189,8 @@ def test_scheduler_configs_map_to_sculpt_schedules():
         assert torch.allclose(ours.schedule.alpha_bar(t), peer.alphas_cumprod.double(), rtol=1e-4)
     karras = schedule_from_config({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True})
     assert karras.spacing == "karras" and karras.schedule.default_spacing == "karras"
+    with pytest.warns(UserWarning, match="steps_offset=1 shifts diffusers' leading grid"):
+        schedule_from_config({"beta_schedule": "scaled_linear", "steps_offset": 1})
 
 
 def test_dit_comes_in_with_its_null_class(tmp_path):

@@ -330,6 +330,14 @@ def schedule_from_config(config: dict | None, scheduler_class: str | None = None
         if spacing not in ("leading", "trailing", "linspace"):
             raise ValueError(f"timestep_spacing {spacing!r} is not one of leading, trailing, linspace")
     schedule.default_spacing = spacing
+    offset = int(config.get("steps_offset", 0) or 0)
+    if offset and spacing == "leading":
+        warnings.warn(
+            f"the scheduler's steps_offset={offset} shifts diffusers' leading grid {offset} level(s) up; sculpt's "
+            "leading grid starts at level 0, so the two pipelines' grids differ by that much (the model and "
+            "schedule are the same); pass --spacing to choose another grid",
+            stacklevel=2,
+        )
     clip = float(get("clip_sample_range")) if config.get("clip_sample", False) else None
     return Scheduling(schedule, PREDICTIONS[prediction_type], spacing, clip, name)
 
