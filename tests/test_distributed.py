@@ -13,7 +13,8 @@ from sculpt.run import load
 pytestmark = pytest.mark.slow
 
 COMMON = ["--train.log_every=1", "--train.sample_every=0", "--train.num_samples=4", "--train.sample_steps=2",
-          '--model.net_options={"base_channels": 16}', "--train.warmup=2", "--train.precision=fp32"]
+          '--model.net_options={"base_channels": 16}', "--train.warmup=2", "--train.precision=fp32",
+          "--train.lr_decay=none"]  # a run stopped by a smaller train.steps, then resumed, must keep its learning rates
 
 
 def run(args, procs=1, launcher="torchrun", command="train"):

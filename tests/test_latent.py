@@ -28,6 +28,7 @@ AE = {
     "train.num_samples": "4",
     "train.warmup": "2",
     "train.lr": "1e-3",
+    "train.lr_decay": "none",  # resumed with more steps in the tests: keep the learning rates
 }
 LDM = {
     "model.net_options": '{"base_channels": 16}',
@@ -37,6 +38,7 @@ LDM = {
     "train.num_samples": "4",
     "train.sample_steps": "2",
     "train.warmup": "2",
+    "train.lr_decay": "none",
 }
 
 

@@ -153,6 +153,7 @@ TINY = {
     "train.num_samples": "4",
     "train.sample_steps": "2",
     "train.warmup": "3",
+    "train.lr_decay": "none",  # a run stopped by a smaller train.steps, then resumed, must keep its learning rates
 }
 
 

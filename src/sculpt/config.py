@@ -1,8 +1,8 @@
 """Configuration: nested frozen dataclasses, JSON round-trip, typed ``--section.field=value`` overrides.
 
 The defaults are the main job: ``sculpt train`` with no arguments trains a small UNet on
-scikit-learn's 8x8 digits and gives recognisable digits in about five minutes on two
-CPU cores. No exec, no class paths: names are looked up in plain registries
+scikit-learn's 8x8 digits and gives recognisable digits in about four minutes on two
+CPU cores (1500 steps, the learning rate decayed on a cosine; bf16 where the CPU has it). No exec, no class paths: names are looked up in plain registries
 (``NETS``, ``SCHEDULES``, ``SAMPLERS``).
 """
 
@@ -47,13 +47,13 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3000  #: optimizer steps
+    steps: int = 1500  #: optimizer steps
     time_limit: float = 0.0  #: stop after this many seconds of training (0: off), as if steps were reached
     batch_size: int = 128  #: per process; the effective batch is batch_size * world_size * grad_accum
     grad_accum: int = 1  #: micro-batches per optimizer step
     lr: float = 2e-3  #: AdamW learning rate (after warmup)
     warmup: int = 100  #: linear learning-rate warmup steps
-    lr_decay: str = "none"  #: after warmup: none (constant) | cosine | linear, down to lr * lr_final over train.steps
+    lr_decay: str = "cosine"  #: after warmup: cosine | linear | none (constant), down to lr * lr_final at train.steps
     lr_final: float = 0.0  #: the decayed learning rate at the last step, as a fraction of lr
     weight_decay: float = 0.0  #: AdamW decoupled weight decay
     grad_clip: float = 1.0  #: max global gradient norm (0: off)
