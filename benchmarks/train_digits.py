@@ -49,6 +49,7 @@ Sampling, features and the classifier are untimed and use ``--sample-threads``.
     python benchmarks/train_digits.py                  # 300 s per dataset (both sides at once), ~20 min
     python benchmarks/train_digits.py --quick          # 30 s budgets, a smoke run
     python benchmarks/train_digits.py --datasets digits --budget 120 --lr-trial 1e-4,1e-3,2e-3,4e-3
+    python benchmarks/train_digits.py --datasets digits --main-job --threads 2  # main job; diffusers at its seconds
 
 Outputs (sample grids, run folders, logs) go to benchmarks/out/train_digits/.
 """
@@ -120,14 +121,18 @@ def read_log(path: Path) -> list[dict]:
 # -- training: one side per call ----------------------------------------------------------
 
 
-def train_sculpt(spec: str, run_dir: Path, budget: float, start: Callable[[], object]) -> dict:
-    """`sculpt train` with the default config, data `spec`, stopped after `budget` s."""
+def train_sculpt(spec: str, run_dir: Path, budget: float | None, start: Callable[[], object]) -> dict:
+    """`sculpt train` with the default config, data `spec`, stopped after `budget` s.
+
+    ``budget=None``: the main job as it is (its own steps and learning-rate decay, no time limit).
+    """
     shutil.rmtree(run_dir, ignore_errors=True)
     base = Config()
+    limits = dict(steps=10**9, time_limit=budget) if budget is not None else {}
     config = replace(
         base,
         data=replace(base.data, name=spec),
-        train=replace(base.train, steps=10**9, time_limit=budget, sample_every=0),
+        train=replace(base.train, sample_every=0, **limits),
         out=str(run_dir),
     )
     dataset = load_dataset(spec)  # what train() would load, read before the start line
@@ -360,8 +365,20 @@ def benchmark(name: str, args: argparse.Namespace) -> str | None:
             flush=True,
         )
 
-    tag = f"{name}-{args.budget:g}s"
-    if args.lr_trial:
+    tag = f"{name}-{args.budget:g}s" if not args.main_job else f"{name}-main-job"
+    if args.main_job:
+        # The main job as `sculpt train` runs it, then diffusers' loop for the seconds it took.
+        began = time.perf_counter()
+        sculpt_job = ("sculpt", {"spec": spec, "run_dir": OUT / "runs" / f"{tag}-sculpt", "budget": None})
+        first = train_all([sculpt_job], args.threads, parallel=False)
+        args.budget = first[0]["loop_s"]
+        print(f"  sculpt's main job: {time.perf_counter() - began:.0f} s wall, {args.budget:.0f} s of training "
+              "steps; diffusers gets those seconds", flush=True)  # fmt: skip
+        diffusers_job = ("diffusers", {"spec": spec, "run_dir": OUT / "runs" / f"{tag}-diffusers",
+                                       "lr": args.diffusers_lr, "budget": args.budget})  # fmt: skip
+        jobs, names = [sculpt_job, diffusers_job], ["sculpt", "diffusers"]
+        trained = first + train_all([diffusers_job], args.threads, parallel=False)
+    elif args.lr_trial:
         jobs = [("diffusers", {"spec": spec, "run_dir": OUT / "runs" / f"{tag}-diffusers-lr{lr:g}", "lr": lr,
                                "budget": args.budget}) for lr in args.lr_trial]  # fmt: skip
         names = [f"diffusers lr {lr:g}" for lr in args.lr_trial]
@@ -372,9 +389,10 @@ def benchmark(name: str, args: argparse.Namespace) -> str | None:
                            "budget": args.budget}),
         ]  # fmt: skip
         names = ["sculpt", "diffusers"]
-    began = time.perf_counter()
-    trained = train_all(jobs, args.threads, parallel=not args.sequential and not args.lr_trial)
-    print(f"  training: {time.perf_counter() - began:.0f} s wall for {len(jobs)} run(s)", flush=True)
+    if not args.main_job:
+        began = time.perf_counter()
+        trained = train_all(jobs, args.threads, parallel=not args.sequential and not args.lr_trial)
+        print(f"  training: {time.perf_counter() - began:.0f} s wall for {len(jobs)} run(s)", flush=True)
 
     num_samples = args.samples or SAMPLES[name]
     noise = torch.randn((num_samples, channels, res, res), generator=torch.Generator().manual_seed(1234))
@@ -444,6 +462,11 @@ def main() -> None:
         help="diffusers schedulers to sample with (ddim, dpmpp_2m); the better one scores",
     )
     parser.add_argument("--classifier-steps", type=int, default=600)
+    parser.add_argument(
+        "--main-job",
+        action="store_true",
+        help="sculpt's main job as it is (its steps, no time limit), then diffusers for the seconds it took",
+    )
     parser.add_argument("--diffusers-lr", type=float, default=DIFFUSERS_LR)
     parser.add_argument(
         "--lr-trial",
