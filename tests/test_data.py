@@ -428,3 +428,9 @@ def test_digits_are_read_from_scikit_learns_file_without_importing_it():
     probe = "import sys; from sculpt.data import load_dataset; load_dataset('digits'); print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_stream_on_a_built_in_set_says_it_is_held_in_memory():
+    with pytest.warns(UserWarning, match="held in memory as uint8"):
+        dataset = load_dataset("digits", stream=True)
+    assert dataset.pixels.dtype == torch.uint8 and len(dataset) == 1500

@@ -2,8 +2,9 @@
 
 The defaults are the main job: ``sculpt train`` with no arguments trains a small UNet on
 scikit-learn's 8x8 digits and gives recognisable digits in about four minutes on two
-CPU cores (1500 steps, the learning rate decayed on a cosine; bf16 where the CPU has it). No exec, no class paths: names are looked up in plain registries
-(``NETS``, ``SCHEDULES``, ``SAMPLERS``).
+CPU cores (1500 steps, the learning rate decayed on a cosine; bf16 where the CPU has it).
+No exec, no class paths: names are looked up in plain registries (``NETS``, ``SCHEDULES``,
+``SAMPLERS``).
 """
 
 from __future__ import annotations

@@ -230,6 +230,13 @@ def load_dataset(
         raise ValueError(f"resolution must be a positive integer, got {resolution}")
     files = dict(labels=labels_from_folders, stream=stream, memory_limit=memory_limit, workers=workers)
     files["progress"] = progress
+    builtin = spec == "digits" or spec.partition(":")[0] in ("mnist", "fashion_mnist", "cifar10")
+    if stream and builtin:
+        warnings.warn(
+            f"{spec}: digits, IDX and CIFAR-10 sets are held in memory as uint8 (60,000 MNIST images are "
+            "47 MB, CIFAR-10 150 MB), so data.stream=true is not needed for them and is ignored",
+            stacklevel=2,
+        )
     if spec == "digits":
         dataset = _load_digits(split)
     else:
