@@ -482,7 +482,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; valid: {', '.join(SPECS)}")
     torch.set_num_threads(args.sample_threads)
-    how = "one after the other" if args.sequential or args.lr_trial else "both sides at once, one process each"
+    how = (
+        "one after the other"
+        if args.sequential or args.lr_trial or args.main_job
+        else "both sides at once, one process each"
+    )
     print(
         f"torch {torch.__version__}; training: {args.threads} torch thread(s) per run (torch.set_num_threads), "
         f"{how}, budgets in wall-clock seconds; untimed parts on {args.sample_threads} thread(s); "
