@@ -9,18 +9,9 @@ from sculpt import runtime
 from sculpt.config import Config, override
 from sculpt.run import read_config
 from sculpt.train import train
+from test_train import TINY as TRAIN_TINY
 
-TINY = {
-    "model.net_options": '{"base_channels": 16}',
-    "train.batch_size": "16",
-    "train.log_every": "1",
-    "train.sample_every": "0",
-    "train.num_samples": "4",
-    "train.sample_steps": "2",
-    "train.warmup": "3",
-    "train.lr_decay": "none",  # a run stopped by a smaller train.steps, then resumed, must keep its learning rates
-    "train.steps": "3",
-}
+TINY = {**TRAIN_TINY, "train.steps": "3"}  # test_train's tiny run (lr_decay off: resumed with more steps)
 
 
 def tiny(out, **extra):
