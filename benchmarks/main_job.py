@@ -38,7 +38,7 @@ from sculpt.data import load_dataset
 from sculpt.images import save_grid
 from sculpt.metrics import frechet_distance
 from sculpt.metrics.features import train_classifier
-from sculpt.run import load, read_config
+from sculpt.run import load
 from sculpt.samplers import sample
 
 OUT = Path(__file__).resolve().parent / "out" / "main_job"
@@ -106,18 +106,13 @@ def run_recipe(flags: str, out: Path) -> float:
 
 
 def draw(run: Path, samples: int) -> torch.Tensor:
-    denoiser, _ = load(run)
-    config = read_config(run)
-    noise = torch.randn((samples, *_shape(run)), generator=torch.Generator().manual_seed(1234))
+    """`samples` images from the run's EMA weights with its own sampler defaults (the shape its config resolved)."""
+    denoiser, config = load(run)
+    shape = (config.data.channels, config.data.resolution, config.data.resolution)
+    noise = torch.randn((samples, *shape), generator=torch.Generator().manual_seed(1234))
     steps = config.train.sample_steps
     chunks = [sample(denoiser, tuple(c.shape), steps=steps, noise=c) for c in noise.split(1000)]
     return torch.cat(chunks)
-
-
-def _shape(run: Path) -> tuple[int, int, int]:
-    config = read_config(run)
-    data = load_dataset(config.data.name, resolution=config.data.resolution, channels=config.data.channels)
-    return tuple(data.shape)
 
 
 def main() -> None:
