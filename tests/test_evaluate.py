@@ -12,22 +12,25 @@ from sculpt.config import Config, override
 from sculpt.train import train
 
 
+def tiny_run(out, **extra):
+    """A 3-step digits run of a narrow unet-tiny: what the evaluation (and tuning) tests score."""
+    fields = {
+        "out": str(out),
+        "train.steps": "3",
+        "train.batch_size": "16",
+        "train.sample_every": "0",
+        "train.num_samples": "4",
+        "train.sample_steps": "2",
+        "model.net_options": '{"base_channels": 16}',
+        **extra,
+    }
+    return train(override(Config(), fields), progress=False)
+
+
 @pytest.fixture(scope="module")
 def run_and_features(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    config = override(
-        Config(),
-        {
-            "out": str(root / "run"),
-            "train.steps": "3",
-            "train.batch_size": "16",
-            "train.sample_every": "0",
-            "train.num_samples": "4",
-            "train.sample_steps": "2",
-            "model.net_options": '{"base_channels": 16}',
-        },
-    )
-    run = train(config, progress=False)
+    run = tiny_run(root / "run")
     assert main(["features", "train", "--data", "digits", "--steps", "40", "--out", str(root / "feat")]) == 0
     return run, root / "feat"
 

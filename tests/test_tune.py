@@ -9,7 +9,6 @@ import torch
 import sculpt
 from sculpt import schedules as S
 from sculpt.cli import main
-from sculpt.config import Config, override
 from sculpt.run import weights_hash
 from sculpt.samplers import check_sigmas, sample
 from sculpt.toy import GaussianMixture
@@ -147,22 +146,9 @@ def test_grids_file_round_trips_merges_and_refuses_other_weights(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from sculpt.train import train
+    from test_evaluate import tiny_run as train_tiny_run
 
-    root = tmp_path_factory.mktemp("tune")
-    config = override(
-        Config(),
-        {
-            "out": str(root / "run"),
-            "train.steps": "3",
-            "train.batch_size": "16",
-            "train.sample_every": "0",
-            "train.num_samples": "4",
-            "train.sample_steps": "4",
-            "model.net_options": '{"base_channels": 16}',
-        },
-    )
-    return train(config, progress=False)
+    return train_tiny_run(tmp_path_factory.mktemp("tune") / "run", **{"train.sample_steps": "4"})
 
 
 @pytest.mark.slow
