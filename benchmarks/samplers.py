@@ -22,9 +22,11 @@ batched denoiser calls) is printed with them, and goal lines check the issue's t
 
 ``--models digits,digits-edm,mnist,mnist-edm`` adds models trained by sculpt (in
 benchmarks/out/models/NAME; trained there first when missing, ``MODEL_RECIPES``). They are
-scored by the Frechet distance in the features of a domain classifier against the test
-images, with two floors: real vs real (training images), and the model's own limit (its
-ODE solved with 100 steps). diffusers runs on them through the same eps-predictor at its
+scored by the Frechet distance in the features of a domain classifier against half of the
+training images (the test splits are small: 297 digits), with two floors: real vs real (n
+images of the other half), and the model's own limit (its ODE solved with 100 steps). Every
+sampler starts from the same noise, so the differences between rows are far smaller than
+the FD's own scatter. diffusers runs on them through the same eps-predictor at its
 integer timesteps (discrete schedules, betas passed as ``trained_betas``), or through its
 EDM schedulers for an EDM-schedule model.
 
@@ -47,7 +49,7 @@ from torch import Tensor
 
 import sculpt.schedules as schedules
 from sculpt.metrics import frechet_distance
-from sculpt.samplers import NFE, sample
+from sculpt.samplers import AUTO, NFE, resolve_sampling, sample
 from sculpt.toy import GaussianMixture
 from sculpt.tune import TunedGrid, reference, tune
 
@@ -245,13 +247,19 @@ def run_sculpt(problem: Problem) -> list[Result]:
 
 def run_defaults(problem: Problem) -> list[Result]:
     """What a newcomer gets: ``sample`` given nothing but the step count (its default sampler and grid)."""
-    results, noise = [], problem.noise
-    sampler = inspect.signature(sample).parameters["sampler"].default
+    results, noise, chosen = [], problem.noise, []
+    default = inspect.signature(sample).parameters["sampler"].default
     for target in NFES:
+        sampler = resolve_sampling(default, target, problem.schedule)[0] if default == AUTO else default
+        name, spacing = resolve_sampling(sampler, target, problem.schedule)
+        chosen.append(f"NFE {target} {name} [{spacing}]")
         counted = Counted(problem.denoise)
         x = sample(counted, tuple(noise.shape), steps=largest_steps(NFE[sampler], target), schedule=problem.schedule,
                    noise=noise, generator=torch.Generator().manual_seed(2), dtype=problem.dtype)
-        results.append(Result("sculpt defaults", sampler, "default grid", target, counted.calls, *problem.score(x)))
+        if counted.calls > target:
+            raise RuntimeError(f"the default {sampler} spent {counted.calls} calls for NFE {target}")
+        results.append(Result("sculpt defaults", default, "default grid", target, counted.calls, *problem.score(x)))
+    print(f"  sculpt defaults ({problem.name}): " + ", ".join(chosen))
     return results
 
 
@@ -407,6 +415,7 @@ MODELS = OUT / "models"
 MNIST = ROOT.parent.parent / "shared" / "data" / "mnist-5k"  # ../shared/data from the project root
 #: How each model is trained when its folder is missing: `sculpt train` overrides (the default recipe, or EDM's).
 EDM_RECIPE = {"diffusion.schedule": "edm", "diffusion.prediction": "edm", "diffusion.weighting": "edm"}
+#: digits is the default main job (`sculpt train`), EDM's recipe for the same steps; MNIST-5k 500 steps each.
 MODEL_RECIPES = {
     "digits": {"data.name": "digits"},
     "digits-edm": {"data.name": "digits", **EDM_RECIPE},
@@ -449,6 +458,7 @@ def model_problem(name: str, args: argparse.Namespace) -> tuple[Problem, str]:
     from sculpt.data import load_dataset
     from sculpt.metrics.features import train_classifier
     from sculpt.run import load
+    from sculpt.runtime import autocast, resolve_precision
     from sculpt.train import train
 
     run = MODELS / name
@@ -459,11 +469,12 @@ def model_problem(name: str, args: argparse.Namespace) -> tuple[Problem, str]:
     train_set = load_dataset(config.data.name)
     test_set = load_dataset(config.data.name, split="test")
     extractor, accuracy = train_classifier(train_set, test_dataset=test_set, progress=False)
-    n = min(args.model_n, len(test_set))
-    pick = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))[:n]
-    test = extractor.features(test_set.images(pick), progress=False)
-    train_pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:n]
-    real_floor = frechet_distance(extractor.features(train_set.images(train_pick), progress=False), test)
+    # The reference is half of the training images (the test splits hold as few as 297), the floor the other half.
+    shuffled = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
+    half = len(train_set) // 2
+    n = min(args.model_n, half)
+    test = extractor.features(train_set.images(shuffled[:half]), progress=False)
+    real_floor = frechet_distance(extractor.features(train_set.images(shuffled[half : half + n]), progress=False), test)
 
     def score(x: Tensor) -> tuple[float, float]:
         x = x.float()
@@ -471,8 +482,11 @@ def model_problem(name: str, args: argparse.Namespace) -> tuple[Problem, str]:
             return math.inf, math.nan
         return frechet_distance(extractor.features(x.clamp(-1, 1), progress=False), test), math.nan
 
+    precision = resolve_precision(args.model_precision, "cpu")
+
     def denoise(x: Tensor, sigma: Tensor | float) -> Tensor:
-        return D(x.float(), sigma).to(x.dtype)
+        with autocast("cpu", precision):  # the network only: every sampler's state stays float32
+            return D(x.float(), sigma).float().to(x.dtype)
 
     shape = (config.data.channels, config.data.resolution, config.data.resolution)
     noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(3))
@@ -494,8 +508,9 @@ def model_problem(name: str, args: argparse.Namespace) -> tuple[Problem, str]:
                              schedule=schedule, spacing="logsnr"))[0]
     steps = config.train.steps
     line = (f"{name}: {config.data.name}, {config.model.net}, {config.diffusion.schedule} / "
-            f"{config.diffusion.prediction} / {config.diffusion.weighting}, trained {steps} steps; classifier test "
-            f"accuracy {accuracy:.4f}; FD of n = {n} samples against {n} test images; floors: real vs real "
+            f"{config.diffusion.prediction} / {config.diffusion.weighting}, trained {steps} steps, network in "
+            f"{precision}; classifier test accuracy {accuracy:.4f}; FD of n = {n} samples against {half} training "
+            f"images; floors: real vs real "
             f"{real_floor:.2f}, the model's own limit (dpmpp_2m, 100 logsnr steps) {limit:.2f}")
     problem.floor = (real_floor, limit)  # the second is the model limit (no mode error on images)
     return problem, line
@@ -631,10 +646,10 @@ def plot(runs: dict[str, tuple[tuple[float, float], list[Result], list[Result]]]
 
 def run_problem(problem: Problem, image: bool, floor_for_goals: float) -> tuple[list[str], list[Result], list[Result]]:
     start = time.perf_counter()
-    tuning = run_tuned(problem)
     defaults = run_defaults(problem)
     sculpt = run_sculpt(problem)
     print_table("sculpt (sampler [grid])", sculpt, problem.floor, image)
+    tuning = run_tuned(problem)
     print_table("sculpt defaults and tuned grids", defaults + tuning.results, problem.floor, image)
     print_cost(tuning)
     diffusers = run_diffusers(problem)
@@ -648,6 +663,7 @@ def run_problem(problem: Problem, image: bool, floor_for_goals: float) -> tuple[
 
 
 def main() -> None:
+    global NFES  # --nfes replaces the columns
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20000, help="samples per run (problems above 4-D use n / 4)")
     parser.add_argument("--dims", type=int, nargs="*", default=[2, 16], help="mixture dimensions")
@@ -656,8 +672,8 @@ def main() -> None:
                         help="first run every diffusers scheduler at STEPS steps (and DDPM at 1000): all should "
                              "reach the floor, which validates the eps model (about 2 more minutes at 250)")
     parser.add_argument("--models", default="", help="comma list of trained models: " + ", ".join(MODEL_RECIPES))
-    parser.add_argument("--model-n", type=int, default=500, help="samples per score on a model (capped at its test "
-                        "split)")
+    parser.add_argument("--model-n", type=int, default=500, help="samples per score on a model (capped at half its "
+                        "training set)")
     parser.add_argument("--model-diffusers", default="DDIM,Euler,DPM++ 2M,DPM++ 3M,UniPC bh2 o2,UniPC bh2 o3",
                         help="diffusers families run on discrete-schedule models (each with every spacing and "
                              "karras)")
@@ -666,7 +682,12 @@ def main() -> None:
     parser.add_argument("--tune-n", type=int, default=256, help="noise samples sculpt.tune uses on a model")
     parser.add_argument("--tune-candidates", type=int, default=48)
     parser.add_argument("--tune-nfes", default="3,4,5,6,8,10", help="NFE tuned on a model (others: '-')")
+    parser.add_argument("--model-precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="the trained networks' autocast (auto: bf16 where the CPU has it, as `sculpt sample`)")
+    parser.add_argument("--nfes", default=",".join(map(str, NFES)), help="the NFE columns (5 and 10 are needed for "
+                        "the goals)")
     args = parser.parse_args()
+    NFES = tuple(int(v) for v in args.nfes.split(","))
     args.model_diffusers = args.model_diffusers.split(",")
     args.tune_nfes = tuple(int(v) for v in args.tune_nfes.split(","))
     import diffusers
@@ -693,7 +714,7 @@ def main() -> None:
             print(f"check: diffusers schedulers at {args.check} steps should sit near the floor")
             print("\n".join(check_many_steps(truth, schedule, noise, args.check)))
         problem = Problem(f"{dim}-D mixture", denoise, schedule, noise, truth.distance, truth.floor,
-                          eps_model(denoise, schedule), DIFFUSERS_BASE, diffusers_configs())
+                          eps_model(denoise, schedule), DIFFUSERS_BASE, diffusers_configs(), tune_nfes=NFES)
         dim_lines, sculpt, diffusers_results = run_problem(problem, image=False, floor_for_goals=truth.floor[0])
         lines += [f"[{dim}-D] {line}" for line in dim_lines]
         runs[f"{dim}-D Gaussian mixture, n = {n}"] = (truth.floor, sculpt, diffusers_results)
