@@ -38,7 +38,6 @@ __all__ = [
     "logsnr_uniform",
     "few_step",
     "cosine_uniform",
-    "FEW_STEPS",
     "auto_spacing",
     "resolve_spacing",
     "sigma_to_alpha_sigma",
@@ -519,9 +518,9 @@ def few_step(schedule: Schedule, steps: int, sigma_data: float = 0.5) -> Tensor:
     the band would start it with too little variance) and the rest is the band for n = steps - 1.
     Fitted on Gaussian mixtures with their exact denoisers (benchmarks/defaults.py): from 2 to
     100 steps it is the best grid or close to it on every schedule kind, where uniform-time,
-    Karras and log-SNR grids each fail badly somewhere. On the trained digits model its low
-    levels cost 2-3x in FD at 3-6 steps (``auto_spacing`` has the details); from 12 steps it is
-    the default grid.
+    Karras and log-SNR grids each fail badly somewhere. On trained networks its low levels cost
+    10-45% in FD at 5-10 steps (``auto_spacing`` has the figures), so it is not the default:
+    it is for exact or very accurate denoisers of data with fine detail.
     """
     steps = _check_steps(steps)
     from_infinity = math.isinf(schedule.sigma_max)
@@ -595,27 +594,21 @@ GRIDS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-#: Up to this many steps the default grid is ``cosine_uniform`` (the solver mostly ``ipndm3``), then ``few_step``.
-FEW_STEPS = 9
-
-
 def auto_spacing(schedule: Schedule, steps: int) -> str:
-    """The grid that ``grid`` and ``sculpt.sample`` use when none is named: ``cosine_uniform``, then ``few_step``.
+    """The grid that ``grid`` and ``sculpt.sample`` use when none is named: ``cosine_uniform``.
 
-    Fitted with benchmarks/defaults.py (exact Gaussian-mixture denoisers in 16 and 48 dimensions on
-    every schedule kind) and on the trained digits model (figures in benchmarks/README.md). The two
-    disagree at few steps: the mixtures' sharp modes want levels down to ~0.1 / steps (``few_step``
-    is best there by 2-9x at 3-6 steps), while the digits model scores 2-3x better when the last
-    levels stay near 0.6 (3 steps) to 0.3 (5 steps), as the cosine schedule's trailing levels do.
-    Up to 9 steps ``cosine_uniform`` (with ``auto_sampler``'s solvers) beats the old defaults
-    (``dpmpp_2m`` on ``trailing``; ``karras`` for EDM) on every mixture and schedule and on the
-    digits model at the 2-8 steps measured (FD 10.5 -> 8.2 at 3, 3.8 -> 3.0 at 5; a tie at 2 and 8).
-    From 10 steps ``few_step``, which
-    reaches small noise levels, is best on the mixtures (2-13x below the old defaults, level with or
-    below diffusers' best configuration) but 5-12% above the old default on the digits model.
-    ``spacing=`` overrides it (``few_step`` for data with fine detail at few steps).
+    Fitted on trained models (benchmarks/samplers.py ``--models``): the default digits and
+    MNIST runs (cosine schedule, v target) and the digits run with EDM's schedule, target and
+    weighting. On all three, with every solver, ``cosine_uniform`` is the best grid or within
+    2% of it at every NFE from 3 to 20 (digits, unipc: FD 6.61 at NFE 5 against 9.50 on
+    ``few_step``, 524 on ``karras``; 5.84 at 10 against 6.40; the EDM model 6.55 at 5 against
+    19.4 on its own ``karras`` levels). Gaussian mixtures with exact denoisers
+    (benchmarks/defaults.py) disagree: their sharp modes want levels down to ~0.1 / steps,
+    which ``few_step`` gives (2-5x lower FD there), but a trained network is least accurate
+    exactly there, and a user samples a trained network. ``spacing=`` overrides it.
     """
-    return "cosine_uniform" if _check_steps(steps) <= FEW_STEPS else "few_step"
+    _check_steps(steps)
+    return "cosine_uniform"
 
 
 def resolve_spacing(schedule: Schedule, steps: int, spacing: str | None = None) -> str:
