@@ -113,7 +113,10 @@ def peer_lines(truth: bench.Truth, schedule: schedules.Schedule, noise: torch.Te
 
     diffusers.utils.logging.set_verbosity_error()
     bench.NFES = (5, 10)
-    theirs = bench.run_diffusers(truth, schedule, noise)
+    denoise = bench.exact_denoiser(truth.gm)
+    problem = bench.Problem(tag, denoise, schedule, noise, truth.distance, truth.floor,
+                            bench.eps_model(denoise, schedule), bench.DIFFUSERS_BASE, bench.diffusers_configs())
+    theirs = bench.run_diffusers(problem)
     lines = []
     for target in (5, 10):
         peer = bench.best(theirs, target)
