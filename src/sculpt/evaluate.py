@@ -241,7 +241,7 @@ def _record(
         "sampler": sampler,
         "steps": steps,
         "spacing": spacing,
-        "chosen_by_default": chosen_by_default or [],  # which of sampler / spacing the step-count rule picked
+        "chosen_by_default": chosen_by_default or [],  # which of sampler / spacing the default rule picked
         "sigmas": [float(v) for v in sigmas] if sigmas is not None else None,
         "tuned_grid": grid_source,  # the grids.json the sigmas came from, tuned for checkpoint_sha256
         "nfe": NFE[sampler](steps),
