@@ -113,10 +113,7 @@ def peer_lines(truth: bench.Truth, schedule: schedules.Schedule, noise: torch.Te
 
     diffusers.utils.logging.set_verbosity_error()
     bench.NFES = (5, 10)
-    denoise = bench.exact_denoiser(truth.gm)
-    problem = bench.Problem(tag, denoise, schedule, noise, truth.distance, truth.floor,
-                            bench.eps_model(denoise, schedule), bench.DIFFUSERS_BASE, bench.diffusers_configs())
-    theirs = bench.run_diffusers(problem)
+    theirs = bench.run_diffusers(bench.mixture_problem(tag, truth, schedule, noise))
     lines = []
     for target in (5, 10):
         peer = bench.best(theirs, target)

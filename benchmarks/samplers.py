@@ -49,7 +49,7 @@ from torch import Tensor
 
 import sculpt.schedules as schedules
 from sculpt.metrics import frechet_distance
-from sculpt.samplers import AUTO, NFE, resolve_sampling, sample
+from sculpt.samplers import NFE, resolve_sampling, sample
 from sculpt.toy import GaussianMixture
 from sculpt.tune import TunedGrid, reference, tune
 
@@ -219,6 +219,14 @@ class Problem:
     dtype: torch.dtype = torch.float64
 
 
+def mixture_problem(name: str, truth: Truth, schedule: schedules.Schedule, noise: Tensor,
+                    denoise: Callable[[Tensor, Tensor], Tensor] | None = None) -> Problem:
+    """A mixture with its exact denoiser, scored against its truth, with diffusers' full set of schedulers."""
+    denoise = denoise if denoise is not None else exact_denoiser(truth.gm)
+    return Problem(name, denoise, schedule, noise, truth.distance, truth.floor, eps_model(denoise, schedule),
+                   DIFFUSERS_BASE, diffusers_configs(), tune_nfes=NFES)
+
+
 # -- sculpt ------------------------------------------------------------------------------
 
 
@@ -250,9 +258,8 @@ def run_defaults(problem: Problem) -> list[Result]:
     results, noise, chosen = [], problem.noise, []
     default = inspect.signature(sample).parameters["sampler"].default
     for target in NFES:
-        sampler = resolve_sampling(default, target, problem.schedule)[0] if default == AUTO else default
-        name, spacing = resolve_sampling(sampler, target, problem.schedule)
-        chosen.append(f"NFE {target} {name} [{spacing}]")
+        sampler, spacing = resolve_sampling(default, target, problem.schedule)
+        chosen.append(f"NFE {target} {sampler} [{spacing}]")
         counted = Counted(problem.denoise)
         x = sample(counted, tuple(noise.shape), steps=largest_steps(NFE[sampler], target), schedule=problem.schedule,
                    noise=noise, generator=torch.Generator().manual_seed(2), dtype=problem.dtype)
@@ -473,14 +480,15 @@ def model_problem(name: str, args: argparse.Namespace) -> tuple[Problem, str]:
     shuffled = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
     half = len(train_set) // 2
     n = min(args.model_n, half)
-    test = extractor.features(train_set.images(shuffled[:half]), progress=False)
-    real_floor = frechet_distance(extractor.features(train_set.images(shuffled[half : half + n]), progress=False), test)
+    reference = extractor.features(train_set.images(shuffled[:half]), progress=False)
+    other_half = extractor.features(train_set.images(shuffled[half : half + n]), progress=False)
+    real_floor = frechet_distance(other_half, reference)
 
     def score(x: Tensor) -> tuple[float, float]:
         x = x.float()
         if not torch.isfinite(x).all():
             return math.inf, math.nan
-        return frechet_distance(extractor.features(x.clamp(-1, 1), progress=False), test), math.nan
+        return frechet_distance(extractor.features(x.clamp(-1, 1), progress=False), reference), math.nan
 
     precision = resolve_precision(args.model_precision, "cpu")
 
@@ -713,8 +721,7 @@ def main() -> None:
         if args.check:
             print(f"check: diffusers schedulers at {args.check} steps should sit near the floor")
             print("\n".join(check_many_steps(truth, schedule, noise, args.check)))
-        problem = Problem(f"{dim}-D mixture", denoise, schedule, noise, truth.distance, truth.floor,
-                          eps_model(denoise, schedule), DIFFUSERS_BASE, diffusers_configs(), tune_nfes=NFES)
+        problem = mixture_problem(f"{dim}-D mixture", truth, schedule, noise, denoise)
         dim_lines, sculpt, diffusers_results = run_problem(problem, image=False, floor_for_goals=truth.floor[0])
         lines += [f"[{dim}-D] {line}" for line in dim_lines]
         runs[f"{dim}-D Gaussian mixture, n = {n}"] = (truth.floor, sculpt, diffusers_results)

@@ -659,7 +659,7 @@ def auto_sampler(steps: int, schedule: Schedule | None = None) -> str:
     ``--models``; figures in benchmarks/README.md): UniPC's corrector reuses the new evaluation,
     and on the digits, MNIST and EDM-recipe digits runs it is the best solver from 4 to 20 steps
     (digits FD 8.2 / 6.61 / 5.84 at NFE 4 / 5 / 10 against iPNDM-3's 10.3 / 6.78 / 6.18 and
-    DPM-Solver++(2M)'s 10.1 / 7.97 / 6.2) and at 3 steps within 16% of iPNDM-3 (best on both
+    DPM-Solver++(2M)'s 10.1 / 7.97 / 6.2) and at 3 steps within 11% of iPNDM-3 (best on both
     digits runs, 1.5x worse on MNIST). On the Gaussian mixtures' exact denoisers iPNDM-3's
     extrapolation wins from 4 to 9 steps; trained networks' errors make it overshoot. The
     schedule does not change the choice (it is an argument so that a rule may use it).

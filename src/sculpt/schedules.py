@@ -601,8 +601,8 @@ def auto_spacing(schedule: Schedule, steps: int) -> str:
     MNIST runs (cosine schedule, v target) and the digits run with EDM's schedule, target and
     weighting. On all three, with every solver, ``cosine_uniform`` is the best grid or within
     2% of it at every NFE from 3 to 20 (digits, unipc: FD 6.61 at NFE 5 against 9.50 on
-    ``few_step``, 524 on ``karras``; 5.84 at 10 against 6.40; the EDM model 6.55 at 5 against
-    19.4 on its own ``karras`` levels). Gaussian mixtures with exact denoisers
+    ``few_step``, 524 on ``karras``; 5.84 at 10 against 6.40; the EDM model 6.65 at 5 against
+    18.2 on its own ``karras`` levels). Gaussian mixtures with exact denoisers
     (benchmarks/defaults.py) disagree: their sharp modes want levels down to ~0.1 / steps,
     which ``few_step`` gives (2-5x lower FD there), but a trained network is least accurate
     exactly there, and a user samples a trained network. ``spacing=`` overrides it.
