@@ -49,7 +49,8 @@ from torch import Tensor
 
 import sculpt.schedules as schedules
 from sculpt.metrics import frechet_distance
-from sculpt.samplers import NFE, resolve_sampling, sample
+from sculpt.moments import MOMENTS_FILE, DataMoments, measure_moments
+from sculpt.samplers import NFE, first_step_of, resolve_sampling, sample
 from sculpt.toy import GaussianMixture
 from sculpt.tune import TunedGrid, reference, tune
 
@@ -148,6 +149,7 @@ class Counted:
 
     def __init__(self, fn: Callable[..., Tensor]) -> None:
         self.fn, self.calls = fn, 0
+        self.data_moments = getattr(fn, "data_moments", None)  # the analytic first step sees through the count
 
     def __call__(self, *args, **kwargs) -> Tensor:
         self.calls += 1
@@ -223,6 +225,8 @@ def mixture_problem(name: str, truth: Truth, schedule: schedules.Schedule, noise
                     denoise: Callable[[Tensor, Tensor], Tensor] | None = None) -> Problem:
     """A mixture with its exact denoiser, scored against its truth, with diffusers' full set of schedulers."""
     denoise = denoise if denoise is not None else exact_denoiser(truth.gm)
+    if getattr(denoise, "data_moments", None) is None:  # what training would record: the data's moments
+        denoise.data_moments = DataMoments(truth.gm.mean, torch.diagonal(truth.gm.cov))
     return Problem(name, denoise, schedule, noise, truth.distance, truth.floor, eps_model(denoise, schedule),
                    DIFFUSERS_BASE, diffusers_configs(), tune_nfes=NFES)
 
@@ -259,7 +263,8 @@ def run_defaults(problem: Problem) -> list[Result]:
     default = inspect.signature(sample).parameters["sampler"].default
     for target in NFES:
         sampler, spacing = resolve_sampling(default, target, problem.schedule)
-        chosen.append(f"NFE {target} {sampler} [{spacing}]")
+        first = first_step_of(problem.denoise, sampler, target, spacing)
+        chosen.append(f"NFE {target} {sampler} [{spacing}]" + (" + analytic first step" if first == "analytic" else ""))
         counted = Counted(problem.denoise)
         x = sample(counted, tuple(noise.shape), steps=largest_steps(NFE[sampler], target), schedule=problem.schedule,
                    noise=noise, generator=torch.Generator().manual_seed(2), dtype=problem.dtype)
@@ -474,6 +479,10 @@ def model_problem(name: str, args: argparse.Namespace) -> tuple[Problem, str]:
         train(override(Config(), {**MODEL_RECIPES[name], "train.sample_every": "0", "out": str(run)}), progress=True)
     D, config = load(run)
     train_set = load_dataset(config.data.name)
+    if D.data_moments is None:  # a run trained before sculpt recorded them: what training now writes
+        measure_moments(train_set, num_classes=config.model.num_classes, hflip=config.data.hflip).save(
+            run / MOMENTS_FILE)
+        D.data_moments = DataMoments.load(run / MOMENTS_FILE)
     test_set = load_dataset(config.data.name, split="test")
     extractor, accuracy = train_classifier(train_set, test_dataset=test_set, progress=False)
     # The reference is half of the training images (the test splits hold as few as 297), the floor the other half.
@@ -495,6 +504,8 @@ def model_problem(name: str, args: argparse.Namespace) -> tuple[Problem, str]:
     def denoise(x: Tensor, sigma: Tensor | float) -> Tensor:
         with autocast("cpu", precision):  # the network only: every sampler's state stays float32
             return D(x.float(), sigma).float().to(x.dtype)
+
+    denoise.data_moments = D.data_moments
 
     shape = (config.data.channels, config.data.resolution, config.data.resolution)
     noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(3))

@@ -78,6 +78,7 @@ def test_eval_writes_a_complete_record(run_and_features, capsys):
     ]:
         assert key in record, key
     assert record["n_fake"] == 160 and record["n_real"] == 1500 and record["nfe"] == 3
+    assert record["first_step"] == "analytic"  # the run recorded its data's moments: 3 calls, 4 steps
     assert record["versions"]["torch"] and len(record["warnings"]) == 4
     # the run's sampler is "auto" and it names no grid: the record says what the step-count rule ran
     from sculpt.samplers import auto_sampler

@@ -278,7 +278,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     from .guidance import guided_run
     from .images import save_grid, save_trajectory
     from .run import load
-    from .samplers import NFE, class_rows, generate, resolve_sampling
+    from .samplers import NFE, class_rows, first_step_of, generate, resolve_sampling
 
     if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
@@ -306,8 +306,12 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         labels = torch.arange(args.n) % num_classes
     recorded: list = []
     steps_to_keep: set[int] = set()
+    first = first_step_of(
+        denoiser, args.sampler, args.steps, args.spacing, sigmas=sigmas, first_step=args.first_step,
+        conditional=labels is not None,
+    )
     if args.trajectory:
-        total = args.steps
+        total = args.steps + (first == "analytic" and sigmas is None)  # the analytic first step is one more
         steps_to_keep = {round(i * (total - 1) / (args.trajectory_columns - 1)) for i in range(args.trajectory_columns)}
     callback = (
         (lambda info: recorded.append(info) if info.index in steps_to_keep else None) if args.trajectory else None
@@ -327,6 +331,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         callback=callback,  # the trajectory follows the first batch
         device=device,
         precision=args.precision,
+        first_step=args.first_step,
     )
     out = args.out or ("samples.npz" if args.format == "npz" else "samples.png")
     if args.format == "npz":
@@ -346,6 +351,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     print(
         f"wrote {out}: {args.n} samples{rows}, {args.sampler} with {args.steps} steps "
         f"({NFE[args.sampler](args.steps)} NFE) on the {grid_name} grid{guided}"
+        + (", analytic first step (the data's mean: one step more, no network call)" if first == "analytic" else "")
     )
     if args.trajectory:
         shown = min(args.n, args.batch_size, 4)  # the trajectory follows the first batch
@@ -431,6 +437,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 device=device,
                 precision=args.precision,
                 guidance=guidance,
+                first_step=args.first_step,
             )
             record = {"sweep": rows}
             print(f"wrote {plot}")
@@ -451,6 +458,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 device=device,
                 precision=args.precision,
                 guidance=guidance,
+                first_step=args.first_step,
             )
         out = args.out or str(ctx.run_dir / ("eval_sweep.json" if args.sweep else "eval.json"))
     ev.write_record(out, record)
@@ -574,7 +582,7 @@ def _add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .objectives import OBJECTIVES
-    from .samplers import AUTO, SAMPLERS
+    from .samplers import AUTO, FIRST_STEPS, SAMPLERS
     from .schedules import GRIDS
 
     parser = argparse.ArgumentParser(prog="sculpt", description="Train, sample and evaluate diffusion models.")
@@ -662,6 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--label", type=int, default=None, help="class label (class-conditional runs; default: one row per class)"
     )
     _add_guidance_arguments(sample)
+    sample.add_argument(
+        "--first-step", default=AUTO, choices=FIRST_STEPS,
+        help="auto: the analytic first step (the data's recorded mean, no network call) where the run has its "
+        "moments and the solver takes it; analytic insists; model always calls the network",
+    )
     sample.add_argument("--out", default=None, help="output file (default samples.png / samples.npz)")
     sample.add_argument("--format", default="png", choices=["png", "npz"])
     sample.add_argument("--trajectory", default=None, metavar="PNG", help="also draw the denoising path")
@@ -714,6 +727,11 @@ def build_parser() -> argparse.ArgumentParser:
         "guidance=0,1,2,4: quality against the guidance weight",
     )
     _add_guidance_arguments(evaluate)
+    evaluate.add_argument(
+        "--first-step", default=AUTO, choices=FIRST_STEPS,
+        help="auto: the analytic first step (the data's recorded mean, no network call) where the run has its "
+        "moments and the solver takes it; analytic insists; model always calls the network",
+    )
     evaluate.add_argument("--plot", default=None, help="sweep plot path (default RUN/eval_sweep.png)")
     evaluate.add_argument(
         "--data", default=None, help="reference dataset (default: the run's own; needed for diffusers:PATH)"

@@ -254,6 +254,8 @@ class Denoiser(nn.Module):
         self.schedule = schedule
         self.prediction = prediction
         self.sigma_data = sigma_data
+        #: the training data's moments (``sculpt.moments``; ``load`` attaches a run's): the analytic first step
+        self.data_moments = None
 
     def scalings(self, sigma: Tensor) -> Scalings:
         """The table row for this target at per-sample sigma [B] (float64, CPU, shapes [B])."""

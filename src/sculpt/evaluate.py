@@ -35,7 +35,7 @@ from .run import load, run_folder, weights_file, weights_hash
 from .runtime import resolve_precision
 
 # generate lived here: still importable from sculpt.evaluate
-from .samplers import AUTO, NFE, SAMPLERS, generate, resolve_sampling
+from .samplers import AUTO, NFE, SAMPLERS, first_step_of, generate, resolve_sampling
 
 __all__ = ["METRICS", "RECOMMENDED_N", "generate", "score", "evaluate_run", "sweep", "default_extractor"]
 
@@ -222,6 +222,7 @@ def _record(
     grid_source: str | None = None,
     guidance: dict[str, Any] | None = None,
     chosen_by_default: list[str] | None = None,
+    first_step: str = "model",
 ) -> dict[str, Any]:
     config = ctx.config
     image_metrics = [m for m in metrics if m != "bpd"]
@@ -245,6 +246,7 @@ def _record(
         "sigmas": [float(v) for v in sigmas] if sigmas is not None else None,
         "tuned_grid": grid_source,  # the grids.json the sigmas came from, tuned for checkpoint_sha256
         "nfe": NFE[sampler](steps),
+        "first_step": first_step,  # analytic: the data's moments gave the first x0_hat (grid of steps + 1)
         "precision": precision,
         "guidance": guidance,
         "task": config.task,
@@ -289,6 +291,7 @@ def evaluate_run(
     device: str = "cpu",
     precision: str = "fp32",
     guidance: GuidanceOptions | None = None,
+    first_step: str = AUTO,
 ) -> dict[str, Any]:
     """Sample n images from the run's EMA model and score them; returns the full record.
 
@@ -317,6 +320,9 @@ def evaluate_run(
         denoiser = LatentDenoiser(denoiser, codec)
     num_classes = ctx.config.model.num_classes
     labels = torch.arange(n) % num_classes if num_classes else None  # exact class balance, as generate draws
+    first_step = first_step_of(
+        denoiser, sampler, steps, spacing, sigmas=sigmas, first_step=first_step, conditional=bool(num_classes)
+    )
     if image_metrics:
         fake = generate(
             denoiser,
@@ -332,6 +338,7 @@ def evaluate_run(
             progress=progress,
             device=device,
             precision=precision,
+            first_step=first_step,
         )
         knows_classes = labels is not None and _classifier_classes(ctx.extractor) == list(ctx.dataset.class_names)
         scores.update(
@@ -367,6 +374,7 @@ def evaluate_run(
         grid_source=grid_source,
         guidance=guidance_record,
         chosen_by_default=chosen_by_default,
+        first_step=first_step,
     )
 
 
@@ -504,6 +512,7 @@ def sweep(
     device: str = "cpu",
     precision: str = "fp32",
     guidance: GuidanceOptions | None = None,
+    first_step: str = AUTO,
 ) -> list[dict[str, Any]]:
     """Quality against NFE (or the guidance weight): one evaluation per (sampler, steps, weight), a table, a PNG.
 
@@ -533,6 +542,7 @@ def sweep(
             device=device,
             precision=precision,
             guidance=options,
+            first_step=first_step,
         )
         record["sampler_requested"] = name  # the sweep's axis: "auto" stays one line across step counts
         rows.append(record)

@@ -116,6 +116,24 @@ class Guided(nn.Module):
         self.batch_branches = batch_branches
         self.schedule = mine
 
+    @property
+    def data_moments(self):
+        """The moments of the guided denoiser at sigma = inf, where both branches are data means.
+
+        Autoguidance's branches share the data: its moments are D's. Classifier-free guidance
+        guides the class means, mu + w (mu_c - mu) (the null class's mean is mu). None with an
+        interval or rescale, whose value at the top noise level these moments do not carry.
+        """
+        moments = getattr(self.D, "data_moments", None)
+        if moments is None or self.interval is not None or self.rescale:
+            return None
+        if self.guide is not None or moments.class_means is None:
+            return moments if self.guide is not None else None
+        from .moments import DataMoments
+
+        guided = torch.lerp(moments.mean.expand_as(moments.class_means), moments.class_means, self.weight)
+        return DataMoments(moments.mean, moments.var, guided, moments.count)
+
     def extra_repr(self) -> str:
         kind = "autoguidance" if self.guide is not None else "classifier-free"
         return f"{kind}, weight={self.weight}, interval={self.interval}, rescale={self.rescale}"
@@ -226,6 +244,10 @@ class CountEvaluations(nn.Module):
         self.D = D
         self.schedule = getattr(D, "schedule", None)
         self.rows = 0
+
+    @property
+    def data_moments(self):
+        return getattr(self.D, "data_moments", None)
 
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
         self.rows += x.shape[0]

@@ -488,5 +488,10 @@ class LatentDenoiser(nn.Module):
     def sigma_data(self) -> float:
         return self.denoiser.sigma_data
 
+    @property
+    def data_moments(self):
+        """The latents' moments (``sculpt.moments``), when the run recorded them."""
+        return getattr(self.denoiser, "data_moments", None)
+
     def forward(self, x: Tensor, sigma, **cond: Tensor) -> Tensor:
         return self.denoiser(x, sigma, **cond)

@@ -11,6 +11,7 @@ A run folder holds everything needed to rebuild and continue the run:
     samples/step_NNNNNN.png     EMA samples from fixed noise; samples/final.png at the end
     loss.png                    the loss curve
     latent_scale.json           an autoencoder run: its latent scale, measured with ema.safetensors
+    data_moments.safetensors    the training data's mean and variance (a sampler's analytic first step)
     latents/                    a latent run: the dataset encoded by its autoencoder (sculpt.latent)
 
 Checkpoints are written to a temporary folder and renamed into place, so a crash or a
@@ -37,6 +38,7 @@ from .config import Config, DistillConfig, override
 from .data import ImageDataset
 from .denoiser import Denoiser
 from .latent import LatentDenoiser, build_autoencoder, open_codec, resolve_latent
+from .moments import MOMENTS_FILE, DataMoments
 from .nets import NETS
 from .objectives import OBJECTIVES, AutoencoderModel, Objective
 from .schedules import Schedule, make
@@ -268,6 +270,8 @@ def load(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = 
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the run has not written a checkpoint yet")
     load_weights(denoiser.net, path, "weights")
+    if (run_dir / MOMENTS_FILE).is_file():  # runs trained before the moments were recorded have none
+        denoiser.data_moments = DataMoments.load(run_dir / MOMENTS_FILE)
     if config.latent.autoencoder:
         codec = open_codec(config.latent.autoencoder)
         resolve_latent(config, codec)  # refuses an autoencoder that changed since the run was trained

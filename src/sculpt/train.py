@@ -35,6 +35,7 @@ from .images import save_grid
 from .latent import Codec, LatentDenoiser, latent_dataset, open_codec, resolve_latent
 from .metrics.features import get_extractor, reference_stats
 from .metrics.stats import frechet_distance
+from .moments import MAX_IMAGES, MOMENTS_FILE, DataMoments, measure_moments
 from .nets.layers import batch_share
 from .objectives import AutoencoderModel, Objective
 from .plots import plot_loss
@@ -466,6 +467,17 @@ def train(
         (run_dir / "log.jsonl").write_text("")
     if world.main:
         write_text(run_dir / "config.json", cfg.to_json(config))
+        if not isinstance(model, AutoencoderModel):
+            # The data's mean and variance: a sampler's analytic first step (sculpt.moments).
+            if not (run_dir / MOMENTS_FILE).is_file():
+                measure_moments(
+                    dataset,
+                    num_classes=config.model.num_classes,
+                    hflip=config.data.hflip and codec is None,  # a latent cache holds the mirrored latents already
+                    max_images=REFERENCE_MAX if isinstance(dataset, StreamingDataset) else MAX_IMAGES,
+                ).save(run_dir / MOMENTS_FILE)
+            inner = ema_denoiser.denoiser if codec is not None else ema_denoiser
+            inner.data_moments = DataMoments.load(run_dir / MOMENTS_FILE)  # the training-time samples use it too
 
     # The losses run through the compiled / data-parallel wrapper; the weights live in net.
     wrapped = net

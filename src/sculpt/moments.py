@@ -1,0 +1,170 @@
+"""The training data's first two moments, and the analytic first step they give a sampler.
+
+At the top of the noise the ideal denoiser no longer depends on the image: for any data
+with mean mu and covariance S,
+
+    E[x0 | x, sigma] = mu + S (S + sigma^2 I)^-1 (x - mu) + O(sigma^-4),
+
+so at sigma_max (80 for EDM, 157 to 2e4 for the discrete VP schedules, inf for zero
+terminal SNR) the network's first evaluation carries almost nothing that the mean does
+not. ``DataMoments.denoise`` is that formula with S replaced by its diagonal, the
+per-coordinate variances (exact for Gaussian data with independent coordinates, and at
+sigma = inf for any data); its error is about |S - diag S| / sigma per unit of noise,
+2e-5 at the VP schedules' sigma_max and below 1e-2 at EDM's 80. The means are per class
+when the labels are known. A sampler that starts with it saves one network call: the
+analytic first step (AFS; Dockhorn et al. 2022 and Zhou et al. 2024 use mu = 0, which on
+images whose background is -1 is far off: FD 7.8 against 6.4 on digits at 5 calls).
+
+Training measures the moments on the data it trains on (latents for a latent run, the
+mirrored images too with ``data.hflip``) and writes them to ``data_moments.safetensors``
+in the run folder; ``sculpt.run.load`` attaches them to the denoiser as ``data_moments``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+__all__ = ["DataMoments", "measure_moments", "MOMENTS_FILE"]
+
+MOMENTS_FILE = "data_moments.safetensors"
+MAX_IMAGES = 50_000  #: images read for the moments of a larger dataset (evenly spaced rows)
+
+
+@dataclass
+class DataMoments:
+    """Mean [C, H, W], per-coordinate variance (same shape, or a float), per-class means [K, C, H, W] or None."""
+
+    mean: Tensor
+    var: Tensor | float
+    class_means: Tensor | None = None
+    count: int = 0  #: images they were measured on
+
+    def __post_init__(self) -> None:
+        if self.mean.ndim < 1:
+            raise ValueError(f"the data mean must have the shape of one image (got {tuple(self.mean.shape)})")
+        var = torch.as_tensor(self.var, dtype=torch.float32)
+        if var.ndim and tuple(var.shape) != tuple(self.mean.shape):
+            shapes = f"{tuple(var.shape)} vs {tuple(self.mean.shape)}"
+            raise ValueError(f"the variance must be a float or have the mean's shape ({shapes})")
+        if not (torch.isfinite(var).all() and (var >= 0).all()):
+            raise ValueError("the data variance must be finite and >= 0")
+        if self.class_means is not None and tuple(self.class_means.shape[1:]) != tuple(self.mean.shape):
+            raise ValueError(
+                f"class means {tuple(self.class_means.shape)} do not match the mean {tuple(self.mean.shape)}"
+            )
+
+    def means(self, n: int, class_labels: Tensor | None = None) -> Tensor:
+        """[n, C, H, W]: each sample's class mean (a label past the last class, the null class, gets the mean)."""
+        if class_labels is None or self.class_means is None:
+            return self.mean.expand(n, *self.mean.shape)
+        labels = torch.as_tensor(class_labels, device=self.mean.device).long().reshape(-1).expand(n)
+        table = torch.cat([self.class_means, self.mean[None]])
+        return table[labels.clamp(0, len(self.class_means))]
+
+    def denoise(self, x: Tensor, sigma: float, class_labels: Tensor | None = None) -> Tensor:
+        """mu + v / (v + sigma^2) (x - mu), v the variances: the Gaussian posterior mean at sigma (mu at inf)."""
+        mu = self.means(x.shape[0], class_labels).to(device=x.device, dtype=x.dtype)
+        if math.isinf(sigma):
+            return mu.clone()
+        var = torch.as_tensor(self.var).to(device=x.device, dtype=x.dtype)
+        return mu + (var / (var + sigma * sigma)) * (x - mu)
+
+    def knows(self, cond: dict | None) -> bool:
+        """Whether the moments describe the distribution that ``cond`` asks for (labels need class means)."""
+        keys = set(cond or {})
+        if not keys:
+            return True
+        return keys == {"class_labels"} and self.class_means is not None
+
+    def save(self, path: str | Path) -> None:
+        tensors = {"mean": self.mean.float().contiguous().cpu()}
+        tensors["var"] = torch.as_tensor(self.var, dtype=torch.float32).expand(self.mean.shape).contiguous()
+        if self.class_means is not None:
+            tensors["class_means"] = self.class_means.float().contiguous().cpu()
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"count": str(self.count)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DataMoments:
+        from safetensors import safe_open
+
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "mean" not in tensors or "var" not in tensors:
+            raise ValueError(f"{path} is not a data-moments file (it needs 'mean' and 'var' tensors)")
+        return cls(tensors["mean"], tensors["var"], tensors.get("class_means"), int(meta.get("count", 0)))
+
+
+def measure_moments(
+    dataset, *, num_classes: int = 0, hflip: bool = False, max_images: int = MAX_IMAGES, batch_size: int = 1024
+) -> DataMoments:
+    """The moments of ``dataset`` (anything with ``images(rows)``, ``labels`` and ``len``), in float64.
+
+    ``hflip`` averages the images with their mirrors (the distribution a flipped-training run
+    sees); ``num_classes`` > 0 adds per-class means. Sets larger than ``max_images`` are
+    read at evenly spaced rows.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("cannot measure the moments of an empty dataset")
+    rows = torch.arange(n) if n <= max_images else torch.linspace(0, n - 1, max_images).round().long()
+    total = square = None
+    class_total = class_count = None
+    streamed = not isinstance(getattr(dataset, "pixels", None), Tensor)  # read from disk, image by image
+    count = 0
+    for start in range(0, len(rows), batch_size):
+        index = rows[start : start + batch_size]
+        if streamed:  # an unreadable file is skipped here as the trainer skips it (and counts it there)
+            index, images = _readable(dataset, index)
+            if not len(index):
+                continue
+            x = torch.stack(images).double()
+        else:
+            x = dataset.images(index).double()
+        if hflip:
+            x = torch.cat([x, x.flip(-1)])
+        if total is None:
+            total, square = torch.zeros(x.shape[1:], dtype=torch.float64), torch.zeros(x.shape[1:], dtype=torch.float64)
+            if num_classes:
+                class_total = torch.zeros(num_classes, *x.shape[1:], dtype=torch.float64)
+                class_count = torch.zeros(num_classes, dtype=torch.float64)
+        total += x.sum(0)
+        square += (x * x).sum(0)
+        if num_classes:
+            labels = dataset.labels[index].long()
+            labels = torch.cat([labels, labels]) if hflip else labels
+            class_total.index_add_(0, labels, x)
+            class_count.index_add_(0, labels, torch.ones(len(labels), dtype=torch.float64))
+        count += len(x)
+    if not count:
+        raise ValueError(f"none of the {len(rows)} images read for the data's moments could be decoded")
+    mean = total / count
+    var = (square / count - mean * mean).clamp_min(0)
+    class_means = None
+    if num_classes:
+        # A class absent from the rows read keeps the overall mean.
+        present = class_count > 0
+        class_means = mean.expand(num_classes, *mean.shape).clone()
+        class_means[present] = class_total[present] / class_count[present].view(-1, *[1] * mean.ndim)
+        class_means = class_means.float()
+    return DataMoments(mean.float(), var.float(), class_means, count)
+
+
+def _readable(dataset, rows: Tensor) -> tuple[Tensor, list[Tensor]]:
+    kept, images = [], []
+    for i in rows.tolist():
+        try:
+            images.append(dataset.to_float(dataset.read(i)))
+        except Exception:  # deleted, truncated, undecodable
+            continue
+        kept.append(i)
+    return torch.tensor(kept, dtype=torch.long), images

@@ -1,0 +1,167 @@
+"""The data's moments and the analytic first step: exact on Gaussians, one call saved, recorded by training."""
+
+import math
+
+import pytest
+import torch
+
+from sculpt import schedules
+from sculpt.data import ImageDataset
+from sculpt.guidance import CountEvaluations, Guided
+from sculpt.moments import MOMENTS_FILE, DataMoments, measure_moments
+from sculpt.samplers import first_step_of, resolve_first_step, sample
+from sculpt.schedules import grid
+from sculpt.toy import GaussianMixture
+
+
+def gaussian(mu: torch.Tensor, s2: float, schedule):
+    """The exact denoiser of isotropic Gaussian data N(mu, s2 I), with the moments it implies."""
+
+    def D(x, sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, *[1] * (x.ndim - 1))
+        gain = torch.where(torch.isinf(sigma), torch.zeros_like(sigma), s2 / (s2 + sigma**2))
+        return (mu + gain * (x - mu)).to(x.dtype)
+
+    counted = CountEvaluations(D)
+    counted.schedule = schedule
+    D.data_moments = DataMoments(mu, s2)
+    return counted
+
+
+def test_measured_moments_are_the_datasets_own():
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (37, 2, 3, 4), generator=g, dtype=torch.uint8)
+    labels = torch.arange(37) % 3
+    data = ImageDataset(pixels, labels, 3)
+    x = data.images().double()
+    m = measure_moments(data, num_classes=3, batch_size=8)  # several batches
+    assert m.count == 37
+    assert torch.allclose(m.mean.double(), x.mean(0), atol=1e-6)
+    assert torch.allclose(m.var.double(), x.var(0, unbiased=False), atol=1e-6)
+    for k in range(3):
+        assert torch.allclose(m.class_means[k].double(), x[labels == k].mean(0), atol=1e-6)
+    flipped = measure_moments(data, hflip=True)
+    assert torch.allclose(flipped.mean.double(), (x.mean(0) + x.mean(0).flip(-1)) / 2, atol=1e-6)
+    # A label past the classes (the null class of classifier-free guidance) gets the overall mean.
+    means = m.means(4, torch.tensor([0, 2, 3, 1]))
+    assert torch.equal(means[2], m.mean) and torch.equal(means[1], m.class_means[2])
+
+
+def test_moments_round_trip_and_refuse_other_files(tmp_path):
+    m = DataMoments(torch.randn(1, 4, 4), 0.37, torch.randn(10, 1, 4, 4), 123)
+    m.save(tmp_path / MOMENTS_FILE)
+    back = DataMoments.load(tmp_path / MOMENTS_FILE)
+    assert torch.equal(back.mean, m.mean) and torch.equal(back.class_means, m.class_means)
+    assert torch.allclose(back.var, torch.full((1, 4, 4), 0.37)) and back.count == 123
+    from safetensors.torch import save_file
+
+    save_file({"weights": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a data-moments file"):
+        DataMoments.load(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["linear", "edm"])
+def test_analytic_first_step_on_a_gaussian_is_the_network_step_for_one_call_less(kind):
+    """With exact moments the analytic step equals the model's: 5 calls walk the 6-step grid exactly."""
+    schedule = schedules.make(kind)
+    mu = torch.linspace(-0.8, 0.6, 12, dtype=torch.float64).reshape(3, 2, 2)
+    D = gaussian(mu, 0.3, schedule)
+    noise = torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    analytic = sample(D, noise.shape, steps=5, schedule=schedule, noise=noise, dtype=torch.float64)
+    assert D.rows == 64 * 5  # five calls per sample
+    D.rows = 0
+    model = sample(D, noise.shape, steps=6, schedule=schedule, noise=noise, dtype=torch.float64, first_step="model")
+    assert D.rows == 64 * 6
+    assert torch.allclose(analytic, model, atol=1e-10, rtol=0)
+    # and it is better than the same five calls without it: the exact answer is mu + sqrt(s2) z-ish,
+    # so compare with the 100-step solution.
+    D.rows = 0
+    fine = sample(D, noise.shape, steps=100, schedule=schedule, noise=noise, dtype=torch.float64, first_step="model")
+    five = sample(D, noise.shape, steps=5, schedule=schedule, noise=noise, dtype=torch.float64, first_step="model")
+    assert (analytic - fine).abs().max() < 0.7 * (five - fine).abs().max()
+
+
+def test_analytic_first_step_is_exact_to_its_bound_on_a_mixture():
+    """On non-Gaussian data the moments' x0_hat at sigma differs from the truth by about |S - diag S| / sigma."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    gm = GaussianMixture.make(torch.full((5,), 0.2), means, torch.full((5,), 0.1))
+    m = DataMoments(gm.mean, torch.diagonal(gm.cov))
+    off = (gm.cov - torch.diag(torch.diagonal(gm.cov))).abs().sum(1).max().item()  # |S - diag S|, rows
+    for sigma in (80.0, 157.0, 2e4):
+        x = gm.mean + sigma * torch.randn(256, 8, dtype=torch.float64, generator=g)
+        exact = gm.denoiser(x, torch.full((256,), sigma, dtype=torch.float64))
+        err = (m.denoise(x, sigma) - exact).abs().max().item()
+        z = ((x - gm.mean) / sigma).abs().max().item()
+        assert err < off * z / sigma, (sigma, err, off)
+    assert err < 1e-3  # at the cosine schedule's sigma_max
+
+
+def test_auto_takes_the_analytic_step_only_where_it_is_exact():
+    schedule = schedules.make("cosine")
+    D = gaussian(torch.zeros(1, 2, 2), 0.25, schedule)
+    assert resolve_first_step("auto", "unipc", D, sigma_max=2e4) == "analytic"
+    assert resolve_first_step("auto", "heun", D, sigma_max=2e4) == "model"  # two calls a step
+    assert resolve_first_step("auto", "consistency", D, sigma_max=2e4) == "model"  # jumps straight to data
+    assert resolve_first_step("auto", "unipc", D, sigma_max=2.0) == "model"  # not exact down there
+    assert resolve_first_step("auto", "unipc", D, sigma_max=2e4, grid_given=True) == "model"  # a tuned grid
+    assert resolve_first_step("auto", "unipc", D, sigma_max=2e4, steps=5) == "analytic"
+    assert resolve_first_step("auto", "unipc", D, sigma_max=2e4, steps=6) == "model"  # the few-step regime only
+    assert resolve_first_step("analytic", "unipc", D, sigma_max=2e4, steps=20) == "analytic"  # asked for
+    assert resolve_first_step("auto", "unipc", D, sigma_max=math.inf) == "analytic"  # zero terminal SNR
+    assert resolve_first_step("auto", "unipc", D, cond={"class_labels": torch.zeros(2)}) == "model"  # no class means
+    assert first_step_of(D, "unipc", 5, None) == "analytic"
+    with pytest.raises(ValueError, match="no data moments"):
+        resolve_first_step("analytic", "unipc", lambda x, s: x)
+    with pytest.raises(ValueError, match="not a single-evaluation"):
+        resolve_first_step("analytic", "heun", D)
+    with pytest.raises(ValueError, match="first_step must be"):
+        resolve_first_step("first", "unipc", D)
+
+
+def test_zero_terminal_snr_starts_from_the_mean():
+    schedule = schedules.make("cosine", zero_terminal_snr=True)
+    mu = torch.full((1, 2, 2), 0.3, dtype=torch.float64)
+    D = gaussian(mu, 0.2, schedule)
+    seen = []
+    out = sample(D, (8, 1, 2, 2), steps=4, schedule=schedule, dtype=torch.float64,
+                 generator=torch.Generator().manual_seed(0), callback=seen.append)
+    assert torch.isfinite(out).all() and D.rows == 8 * 4
+    assert math.isinf(seen[0].sigma) and torch.equal(seen[0].x0_hat, mu.expand(8, 1, 2, 2))
+
+
+def test_guided_moments_guide_the_class_means():
+    mean = torch.zeros(1, 2, 2)
+    class_means = torch.stack([torch.full((1, 2, 2), v) for v in (1.0, -1.0)])
+
+    def D(x, sigma, class_labels=None):
+        return x
+
+    D.data_moments = DataMoments(mean, 0.5, class_means)
+    guided = Guided(D, 3.0, null_cond={"class_labels": 2})
+    m = guided.data_moments
+    assert torch.allclose(m.class_means, 3.0 * class_means)  # mu + w (mu_c - mu) with mu = 0
+    assert torch.equal(m.means(1, torch.tensor([2]))[0], mean)  # the null class stays the mean
+    assert Guided(D, 3.0, null_cond={"class_labels": 2}, interval=(0.1, 5.0)).data_moments is None
+    assert Guided(D, 3.0, guide=D).data_moments is D.data_moments  # autoguidance: the same data
+
+
+def test_training_records_the_moments_and_load_attaches_them(tmp_path):
+    from sculpt.config import Config, override
+    from sculpt.data import load_dataset
+    from sculpt.run import load
+    from sculpt.train import train
+
+    run = train(override(Config(), {"out": str(tmp_path / "run"), "train.steps": "2", "train.batch_size": "8",
+                                    "train.sample_every": "0", "train.num_samples": "4", "train.sample_steps": "2",
+                                    "model.net_options": '{"base_channels": 16}'}), progress=False)
+    assert (run / MOMENTS_FILE).is_file()
+    D, _ = load(run)
+    images = load_dataset("digits").images().double()
+    assert torch.allclose(D.data_moments.mean.double(), images.mean(0), atol=1e-6)
+    assert D.data_moments.count == len(images)
+    assert first_step_of(D, "unipc", 4, None) == "analytic"
+    sigmas = grid(D.schedule, 5, "cosine_uniform")
+    counted = CountEvaluations(D)
+    out = sample(counted, (3, 1, 8, 8), steps=4, generator=torch.Generator().manual_seed(0))
+    assert counted.rows == 3 * 4 and torch.isfinite(out).all() and float(sigmas[0]) > 1e3
