@@ -627,7 +627,8 @@ def user_comparisons(defaults: list[Result], tuning: Tuning, diffusers: list[Res
     ours5 = best(defaults, 5)
     excess, theirs_excess = ours5.fd - floor, d5.fd - floor
     lines.append(f"goal 2, sculpt defaults NFE 5 excess over the floor {excess:.3g} <= half diffusers' best "
-                 f"({d5.label}) {theirs_excess:.3g}: {theirs_excess / max(excess, 1e-12):.2f}x, "
+                 f"({d5.label}) {theirs_excess:.3g}: "
+                 f"{f'{theirs_excess / excess:.2f}x' if excess > 0 else 'at or below the floor'}, "
                  f"{'met' if excess <= theirs_excess / 2 else 'not met'}")
     ours10 = best(defaults, 10)
     lines.append(f"goal 3, sculpt defaults NFE 10 {ours10.fd:.3g} <= diffusers best NFE 10 ({d10.label}) "

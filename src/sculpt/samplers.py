@@ -818,8 +818,8 @@ def sample(
     ``cond`` (e.g. ``{"class_labels": y}``) is passed to D at every call. ``precision``
     bf16 / fp16 runs the network under autocast while the sampler's own arithmetic stays
     in ``dtype``. ``first_step`` (``resolve_first_step``): with ``auto`` a run that recorded
-    its data's moments takes the analytic first step, and ``steps`` network calls then walk a
-    grid of ``steps + 1``. Runs under ``torch.inference_mode``; call a sampler function
+    its data's moments takes the analytic first step up to 5 steps, and ``steps`` network calls
+    then walk a grid of ``steps + 1``. Runs under ``torch.inference_mode``; call a sampler function
     directly when gradients are needed.
     """
     if sampler != AUTO and sampler not in SAMPLERS:
