@@ -3,6 +3,7 @@ mass moving toward the requested class on a closed-form two-class mixture, and t
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -346,3 +347,33 @@ def test_eval_records_guidance_and_sweeps_the_weight(runs, capsys):
     # an unconditional run is refused before any features are fitted or samples drawn
     assert main(["eval", str(runs["uncond"]), *features, "--sweep", "guidance=0,2"]) == 2
     assert "unconditional run" in capsys.readouterr().err
+
+
+def test_the_analytic_first_step_starts_from_the_class_mean_and_its_guided_extrapolation(runs, capsys):
+    from sculpt.run import load
+    from sculpt.samplers import sample
+
+    D, config = load(runs["cond"])
+    moments = D.data_moments
+    assert moments.class_means.shape == (10, 1, 8, 8)  # digits: every class recorded
+    labels = torch.full((4,), 3)
+    for denoiser, expected in [
+        (D, moments.class_means[3]),
+        (Guided(D, 3.0, null_cond={"class_labels": 10}), torch.lerp(moments.mean, moments.class_means[3], 3.0)),
+    ]:
+        seen = []
+        sample(denoiser, (4, 1, 8, 8), steps=3, cond={"class_labels": labels}, callback=seen.append,
+               generator=torch.Generator().manual_seed(0))
+        # sigma_max is 2e4: the Gaussian term v / (v + sigma^2) (x - mu) is below 1e-4
+        assert torch.allclose(seen[0].x0_hat, expected.expand(4, 1, 8, 8), atol=1e-4)
+        assert len(seen) == 4  # three network calls, four steps
+    run = str(runs["cond"])
+    assert main(["sample", run, "-n", "4", "--steps", "3", "--label", "3", "--format", "npz",
+                 "--out", os.devnull]) == 0
+    assert "analytic first step" in capsys.readouterr().out
+    assert main(["sample", run, "-n", "4", "--steps", "3", "--guidance", "2", "--guidance-interval", "0.3,5",
+                 "--format", "npz", "--out", os.devnull]) == 0
+    assert "analytic first step" not in capsys.readouterr().out  # an interval's top-level value is not the means'
+    assert main(["sample", run, "-n", "4", "--steps", "3", "--first-step", "model", "--format", "npz",
+                 "--out", os.devnull]) == 0
+    assert "analytic first step" not in capsys.readouterr().out

@@ -184,6 +184,14 @@ def test_a_latent_run_loads_and_samples_pixels(ae_run, tmp_path, capsys):
     D, cfg = load(run)
     assert isinstance(D, LatentDenoiser) and cfg.latent.sha256 == open_codec(str(ae_run)).sha256
     assert (cfg.latent.channels, cfg.latent.resolution) == (4, 4) and D.net.in_channels == 4
+    # The moments are the latents' (what the run trains on), so the analytic first step starts there.
+    from sculpt.data import load_dataset
+
+    codec = open_codec(str(ae_run))
+    with torch.no_grad():
+        latents = codec.encode(load_dataset("digits").images())
+    assert D.data_moments.mean.shape == (4, 4, 4)
+    assert torch.allclose(D.data_moments.mean, latents.mean(0), atol=2e-4)
     images = generate(D, (1, 8, 8), 5, steps=2, progress=False)
     assert images.shape == (5, 1, 8, 8) and float(images.abs().max()) <= 1
     assert (run / "samples" / "final.png").is_file() and (run / "latents").is_dir()
