@@ -107,7 +107,7 @@ class DataMoments:
 def measure_moments(
     dataset, *, num_classes: int = 0, hflip: bool = False, max_images: int = MAX_IMAGES, batch_size: int = 1024
 ) -> DataMoments:
-    """The moments of ``dataset`` (anything with ``images(rows)``, ``labels`` and ``len``), in float64.
+    """The moments of ``dataset`` (anything with ``images(rows)``, ``labels`` and ``len``), totalled in float64.
 
     ``hflip`` averages the images with their mirrors (the distribution a flipped-training run
     sees); ``num_classes`` > 0 adds per-class means. Sets larger than ``max_images`` are
@@ -127,9 +127,10 @@ def measure_moments(
             index, images = _readable(dataset, index)
             if not len(index):
                 continue
-            x = torch.stack(images).double()
+            x = torch.stack(images)
         else:
-            x = dataset.images(index).double()
+            x = dataset.images(index)
+        x = x.float()  # each batch sums in float32 (<= 2048 terms), the totals in float64
         if hflip:
             x = torch.cat([x, x.flip(-1)])
         if total is None:
@@ -137,12 +138,12 @@ def measure_moments(
             if num_classes:
                 class_total = torch.zeros(num_classes, *x.shape[1:], dtype=torch.float64)
                 class_count = torch.zeros(num_classes, dtype=torch.float64)
-        total += x.sum(0)
-        square += (x * x).sum(0)
+        total += x.sum(0).double()
+        square += (x * x).sum(0).double()
         if num_classes:
             labels = dataset.labels[index].long()
             labels = torch.cat([labels, labels]) if hflip else labels
-            class_total.index_add_(0, labels, x)
+            class_total += torch.zeros(class_total.shape, dtype=x.dtype).index_add_(0, labels, x).double()
             class_count.index_add_(0, labels, torch.ones(len(labels), dtype=torch.float64))
         count += len(x)
     if not count:
