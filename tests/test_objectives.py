@@ -245,6 +245,8 @@ def test_a_student_resumes_bit_exactly(teacher, tmp_path, monkeypatch, method, e
         student_config(method, teacher=teacher, out=str(tmp_path / "whole"), steps=6, overrides=overrides),
         progress=False,
     )
+    # A student samples the grid it was distilled for: no analytic first step (and one more step) for it.
+    assert not (whole / "data_moments.safetensors").exists() and (teacher / "data_moments.safetensors").is_file()
     part = student_config(
         method,
         teacher=teacher,

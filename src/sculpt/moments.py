@@ -15,8 +15,9 @@ when the labels are known. A sampler that starts with it saves one network call:
 analytic first step (AFS; Dockhorn et al. 2022 and Zhou et al. 2024 use mu = 0, which on
 images whose background is -1 is far off: FD 7.8 against 6.4 on digits at 5 calls).
 
-Training measures the moments on the data it trains on (latents for a latent run, the
-mirrored images too with ``data.hflip``) and writes them to ``data_moments.safetensors``
+A denoising run measures the moments on the data it trains on (latents for a latent run, the
+mirrored images too with ``data.hflip``; a student samples the grid it was distilled for, so
+it records none) and writes them to ``data_moments.safetensors``
 in the run folder; ``sculpt.run.load`` attaches them to the denoiser as ``data_moments``.
 """
 

@@ -467,8 +467,9 @@ def train(
         (run_dir / "log.jsonl").write_text("")
     if world.main:
         write_text(run_dir / "config.json", cfg.to_json(config))
-        if not isinstance(model, AutoencoderModel):
-            # The data's mean and variance: a sampler's analytic first step (sculpt.moments).
+        if config.task == "denoising":
+            # The data's mean and variance: a sampler's analytic first step (sculpt.moments). Not for a
+            # student, whose steps were distilled for its own grid: one more step would leave it.
             if not (run_dir / MOMENTS_FILE).is_file():
                 measure_moments(
                     dataset,
