@@ -298,7 +298,7 @@ def run_tuned(problem: Problem) -> Tuning:
             grids[(name, target)] = tuned
             counted = Counted(problem.denoise)
             x = sample(counted, tuple(problem.noise.shape), sampler=name, sigmas=tuned.sigmas, noise=problem.noise,
-                       dtype=problem.dtype)
+                       dtype=problem.dtype, first_step=tuned.first_step)
             results.append(Result("sculpt tuned", name, "tuned", target, counted.calls, *problem.score(x)))
         pick = min(problem.tuned_samplers, key=lambda n, t=target: grids[(n, t)].held_out_error)
         chosen[target] = next(r for r in results if r.target == target and r.family == pick)

@@ -217,15 +217,43 @@ def test_cli_picks_up_a_tuned_grid_for_its_weights_only(tmp_path, capsys):
     (tmp_path / "ema.safetensors").write_bytes(b"weights one")
     (tmp_path / "model.safetensors").write_bytes(b"weights two")
     write_grids(tmp_path, weights_hash(tmp_path / "ema.safetensors"), [_grid("unipc", 4)])
-    sigmas, source = _tuned_sigmas(str(tmp_path), False, None, "unipc", 4)
-    assert torch.equal(sigmas, _grid("unipc", 4).sigmas) and source == str(tmp_path / GRIDS_FILE)
+    sigmas, source, first = _tuned_sigmas(str(tmp_path), False, None, "unipc", 4)
+    assert torch.equal(sigmas, _grid("unipc", 4).sigmas) and source == str(tmp_path / GRIDS_FILE) and first is None
     assert "using the tuned grid from" in capsys.readouterr().out
-    assert _tuned_sigmas(str(tmp_path), False, "karras", "unipc", 4) == (None, None)  # asked for another
-    assert _tuned_sigmas(str(tmp_path), False, None, "unipc", 5) == (None, None)
+    assert _tuned_sigmas(str(tmp_path), False, "karras", "unipc", 4) == (None, None, None)  # asked for another
+    assert _tuned_sigmas(str(tmp_path), False, None, "unipc", 5) == (None, None, None)
     with pytest.raises(ValueError, match="no grid tuned for unipc at 5 steps"):
         _tuned_sigmas(str(tmp_path), False, "tuned", "unipc", 5)
     # other weights (here the raw ones): a note and the default grid, or an error when a tuned grid was asked for
-    assert _tuned_sigmas(str(tmp_path), True, None, "unipc", 4) == (None, None)
+    assert _tuned_sigmas(str(tmp_path), True, None, "unipc", 4) == (None, None, None)
     assert "re-tune with `sculpt tune" in capsys.readouterr().err
     with pytest.raises(ValueError, match="was tuned for weights"):
         _tuned_sigmas(str(tmp_path), True, "tuned", "unipc", 4)
+
+
+def test_a_denoiser_with_moments_is_tuned_with_the_analytic_first_step(references, tmp_path):
+    from sculpt.moments import DataMoments
+
+    schedule = S.make("linear")
+
+    def with_moments(x, sigma):
+        return exact(x, sigma)
+
+    with_moments.data_moments = DataMoments(MIXTURE.mean, torch.diagonal(MIXTURE.cov))
+    result = tune(with_moments, (2,), nfe=4, sampler="dpmpp_2m", schedule=schedule, references=references)
+    plain = tune(exact, (2,), nfe=4, sampler="dpmpp_2m", schedule=schedule, references=references)
+    assert result.first_step == "analytic" and plain.first_step == "model"
+    assert result.steps == result.nfe == 4 and len(result.sigmas) == 6  # five steps for four calls
+    assert result.held_out_error < plain.held_out_error  # the free step helps the exact denoiser
+    calls = []
+
+    def counted(x, sigma):
+        calls.append(1)
+        return with_moments(x, sigma)
+
+    counted.data_moments = with_moments.data_moments
+    sample(counted, (8, 2), sigmas=result.sigmas, first_step="analytic", dtype=torch.float64,
+           generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 4
+    write_grids(tmp_path, "abc", [result])
+    assert find_grid(tmp_path, "abc", "dpmpp_2m", 4).first_step == "analytic"

@@ -105,7 +105,10 @@ def _add_config_fields(parser: argparse.ArgumentParser) -> None:
 
 
 def _tuned_sigmas(run: str, raw: bool, spacing: str | None, sampler: str, steps: int):
-    """The grid RUN/grids.json holds for (sampler, steps) when no other grid was asked for: (sigmas, source).
+    """The grid RUN/grids.json holds for (sampler, steps) when no other grid was asked for.
+
+    Returns (sigmas, source, first_step): first_step is "analytic" for a grid tuned with the
+    analytic first step (one step more than ``steps``), else None (what the command line said).
 
     ``spacing`` is what the command line named (None: nothing, "tuned": insist on a tuned grid).
     A grids.json tuned for other weights is refused: an error with ``--spacing tuned``, else a
@@ -116,7 +119,7 @@ def _tuned_sigmas(run: str, raw: bool, spacing: str | None, sampler: str, steps:
     from .tune import GRIDS_FILE, find_grid
 
     if spacing not in (None, "tuned"):
-        return None, None
+        return None, None, None
     path, weights = run_folder(run) / GRIDS_FILE, weights_file(run, ema=not raw)
     found = None
     if path.is_file() and weights.is_file():
@@ -132,10 +135,12 @@ def _tuned_sigmas(run: str, raw: bool, spacing: str | None, sampler: str, steps:
                 f"no grid tuned for {sampler} at {steps} steps in {path}; make one with "
                 f"`sculpt tune {run} --sampler {sampler} --nfe {NFE[sampler](steps)}`"
             )
-        return None, None
+        return None, None, None
     shown = ", ".join(f"{float(v):.3g}" for v in found.sigmas)
-    print(f"using the tuned grid from {path} ({sampler}, {steps} steps, NFE {found.nfe}: sigmas {shown})")
-    return found.sigmas, str(path)
+    analytic = found.first_step == "analytic"
+    print(f"using the tuned grid from {path} ({sampler}, {steps} steps, NFE {found.nfe}: sigmas {shown}"
+          + (", analytic first step" if analytic else "") + ")")
+    return found.sigmas, str(path), ("analytic" if analytic else None)
 
 
 def _resolved_config(args: argparse.Namespace, extra: list[str]):
@@ -290,7 +295,8 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     _run_defaults(args, config)
     args.spacing = None if args.spacing == "tuned" else args.spacing
     args.sampler, args.spacing = resolve_sampling(args.sampler, args.steps, denoiser.schedule, args.spacing)
-    sigmas, _ = _tuned_sigmas(args.run, args.raw, asked_spacing, args.sampler, args.steps)
+    sigmas, _, tuned_first = _tuned_sigmas(args.run, args.raw, asked_spacing, args.sampler, args.steps)
+    args.first_step = tuned_first or args.first_step
     grid_name = "tuned" if sigmas is not None else args.spacing  # what the printout names
     num_classes = config.model.num_classes
     _check_label(args.label, num_classes, args.run)
@@ -311,7 +317,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
         conditional=labels is not None,
     )
     if args.trajectory:
-        total = args.steps + (first == "analytic" and sigmas is None)  # the analytic first step is one more
+        total = len(sigmas) - 1 if sigmas is not None else args.steps + (first == "analytic")  # analytic: one more
         steps_to_keep = {round(i * (total - 1) / (args.trajectory_columns - 1)) for i in range(args.trajectory_columns)}
     callback = (
         (lambda info: recorded.append(info) if info.index in steps_to_keep else None) if args.trajectory else None
@@ -413,13 +419,15 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
         _run_defaults(args, ctx.config)
         args.spacing = None if args.spacing == "tuned" else args.spacing
         if args.sweep:
-            tuned, source = {}, None
+            tuned, source, analytic = {}, None, set()
             for name in grid.get("sampler", [args.sampler]):
                 for count in grid.get("steps", [args.steps]):
                     concrete = resolve_sampling(name, count, ctx.denoiser.schedule, args.spacing)[0]
-                    sigmas, found = _tuned_sigmas(args.run, False, asked_spacing, concrete, count)
+                    sigmas, found, tuned_first = _tuned_sigmas(args.run, False, asked_spacing, concrete, count)
                     if sigmas is not None:
                         tuned[(name, count)], source = sigmas, found
+                        if tuned_first:
+                            analytic.add((name, count))
             plot = args.plot or str(ctx.run_dir / "eval_sweep.png")
             rows = ev.sweep(
                 ctx,
@@ -431,6 +439,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 steps=args.steps,
                 spacing=args.spacing,
                 tuned=tuned,
+                tuned_analytic=analytic,
                 grid_source=source,
                 split=args.split,
                 plot=plot,
@@ -443,7 +452,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"wrote {plot}")
         else:
             concrete = resolve_sampling(args.sampler, args.steps, ctx.denoiser.schedule, args.spacing)[0]
-            sigmas, source = _tuned_sigmas(args.run, False, asked_spacing, concrete, args.steps)
+            sigmas, source, tuned_first = _tuned_sigmas(args.run, False, asked_spacing, concrete, args.steps)
             record = ev.evaluate_run(
                 ctx,
                 metrics=metrics,
@@ -458,7 +467,7 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 device=device,
                 precision=args.precision,
                 guidance=guidance,
-                first_step=args.first_step,
+                first_step=tuned_first or args.first_step,
             )
         out = args.out or str(ctx.run_dir / ("eval_sweep.json" if args.sweep else "eval.json"))
     ev.write_record(out, record)
@@ -525,7 +534,9 @@ def _tune(args: argparse.Namespace, extra: list[str]) -> int:
             calls += result.calls
             gain = result.baseline_error / max(result.held_out_error, 1e-12)
             print(
-                f"{sampler} NFE {result.nfe} ({steps} steps): error {result.error:.4g}, held out "
+                f"{sampler} NFE {result.nfe} ({len(result.sigmas) - 1} steps"
+                f"{', analytic first step' if result.first_step == 'analytic' else ''}): "
+                f"error {result.error:.4g}, held out "
                 f"{result.held_out_error:.4g}; best default grid ({result.baseline}) {result.baseline_error:.4g}, "
                 f"{gain:.2f}x; {result.seconds:.1f} s, {result.calls} calls"
             )

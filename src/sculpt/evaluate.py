@@ -509,6 +509,7 @@ def sweep(
     split: str = "train",
     progress: bool = True,
     plot: str | Path | None = None,
+    tuned_analytic: set[tuple[str, int]] | None = None,
     device: str = "cpu",
     precision: str = "fp32",
     guidance: GuidanceOptions | None = None,
@@ -517,7 +518,8 @@ def sweep(
     """Quality against NFE (or the guidance weight): one evaluation per (sampler, steps, weight), a table, a PNG.
 
     ``grid["guidance"]`` sweeps the weight of ``guidance`` (classifier-free when it is None).
-    ``tuned`` maps (sampler, steps) to a tuned grid (from ``grid_source``), used where present.
+    ``tuned`` maps (sampler, steps) to a tuned grid (from ``grid_source``), used where present;
+    those in ``tuned_analytic`` were tuned with the analytic first step and run with it.
     """
     samplers = grid.get("sampler", [sampler])
     step_counts = grid.get("steps", [steps])
@@ -542,7 +544,7 @@ def sweep(
             device=device,
             precision=precision,
             guidance=options,
-            first_step=first_step,
+            first_step="analytic" if (name, count) in (tuned_analytic or set()) else first_step,
         )
         record["sampler_requested"] = name  # the sweep's axis: "auto" stays one line across step counts
         rows.append(record)

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import DenoiserFn
-from .samplers import NFE, SAMPLERS, check_sigmas, ddim
+from .samplers import NFE, SAMPLERS, _analytic_first, check_sigmas, ddim, resolve_first_step
 from .schedules import GRIDS, Schedule, grid
 
 __all__ = [
@@ -120,6 +120,8 @@ class TunedGrid:
     calls: int  #: batched denoiser calls spent on this grid (the references not included)
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    #: "analytic": the grid has steps + 1 steps and its first x0_hat is the data moments' (``sculpt.moments``)
+    first_step: str = "model"
 
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
@@ -342,12 +344,15 @@ def tune(
     references: tuple[Reference, Reference] | None = None,
     cond: dict[str, Tensor] | None = None,
     progress: bool = False,
+    first_step: str = "auto",
 ) -> TunedGrid:
     """Tune the grid of ``sampler`` at ``nfe`` denoiser calls for D (module docstring: reference, DP, refinement).
 
     ``shape`` is one sample's shape; ``n`` samples are drawn for tuning and ``n`` more to
     check the result (``held_out_error``). Pass ``references`` (two ``reference`` solves:
-    tuning, held out) to share them across several calls.
+    tuning, held out) to share them across several calls. ``first_step`` as in ``sample``:
+    where D carries its data's moments the grid gets one more step whose first x0_hat is
+    theirs (the tuned grid records it; sample it with ``first_step="analytic"``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
@@ -361,16 +366,23 @@ def tune(
     started = time.perf_counter()
     counted = _Counted(_conditioned(D, cond))
     _check_deterministic(counted, sampler, ref)
+    first = resolve_first_step(first_step, sampler, D, cond=cond, sigma_max=float(ref.levels[0]), steps=steps)
+    moments = D.data_moments if first == "analytic" else None
+    grid_steps = steps + (moments is not None)  # the analytic first step is one step more, no call
+
+    def error_of(sigmas: Tensor, against: Reference) -> float:
+        solver_D = counted if moments is None else _analytic_first(counted, moments, cond)
+        return grid_error(solver_D, sampler, sigmas, against)
+
     sigma_data = float(getattr(D, "sigma_data", 0.5))
-    start_points = {"dp": _dp_grid(ref, steps, sigma_data)}
-    start_points.update({name: grid(schedule, steps, name) for name in _BASELINES})
-    scored = {name: grid_error(counted, sampler, sigmas, ref) for name, sigmas in start_points.items()}
+    start_points = {"dp": _dp_grid(ref, grid_steps, sigma_data)}
+    start_points.update({name: grid(schedule, grid_steps, name) for name in _BASELINES})
+    scored = {name: error_of(sigmas, ref) for name, sigmas in start_points.items()}
     start = min(scored, key=scored.get)
     sigmas, error = start_points[start], scored[start]
-    if refine and steps >= 2:
-        sigmas, error = _refine(lambda s: grid_error(counted, sampler, s, ref), sigmas, _finite_range(schedule),
-                                error)
-    baselines = {name: grid_error(counted, sampler, start_points[name], held_out) for name in _BASELINES}
+    if refine and grid_steps >= 2:
+        sigmas, error = _refine(lambda s: error_of(s, ref), sigmas, _finite_range(schedule), error)
+    baselines = {name: error_of(start_points[name], held_out) for name in _BASELINES}
     baseline = min(baselines, key=baselines.get)
     settings = dict(ref.settings, refine=refine, sigma_data=sigma_data, held_out_n=held_out.states.shape[1])
     return TunedGrid(
@@ -379,13 +391,14 @@ def tune(
         nfe=NFE[sampler](steps),
         sigmas=check_sigmas(sigmas),
         error=error,
-        held_out_error=grid_error(counted, sampler, sigmas, held_out),
+        held_out_error=error_of(sigmas, held_out),
         baseline=baseline,
         baseline_error=baselines[baseline],
         start=start,
         calls=counted.calls,
         seconds=time.perf_counter() - started,
         settings=settings,
+        first_step=first,
     )
 
 
