@@ -419,15 +419,13 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
         _run_defaults(args, ctx.config)
         args.spacing = None if args.spacing == "tuned" else args.spacing
         if args.sweep:
-            tuned, source, analytic = {}, None, set()
+            tuned, source = {}, None
             for name in grid.get("sampler", [args.sampler]):
                 for count in grid.get("steps", [args.steps]):
                     concrete = resolve_sampling(name, count, ctx.denoiser.schedule, args.spacing)[0]
                     sigmas, found, tuned_first = _tuned_sigmas(args.run, False, asked_spacing, concrete, count)
                     if sigmas is not None:
-                        tuned[(name, count)], source = sigmas, found
-                        if tuned_first:
-                            analytic.add((name, count))
+                        tuned[(name, count)], source = (sigmas, tuned_first), found
             plot = args.plot or str(ctx.run_dir / "eval_sweep.png")
             rows = ev.sweep(
                 ctx,
@@ -439,7 +437,6 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
                 steps=args.steps,
                 spacing=args.spacing,
                 tuned=tuned,
-                tuned_analytic=analytic,
                 grid_source=source,
                 split=args.split,
                 plot=plot,

@@ -504,12 +504,11 @@ def sweep(
     sampler: str = AUTO,
     steps: int = 20,
     spacing: str | None = None,
-    tuned: dict[tuple[str, int], Tensor] | None = None,
+    tuned: dict[tuple[str, int], tuple[Tensor, str | None]] | None = None,
     grid_source: str | None = None,
     split: str = "train",
     progress: bool = True,
     plot: str | Path | None = None,
-    tuned_analytic: set[tuple[str, int]] | None = None,
     device: str = "cpu",
     precision: str = "fp32",
     guidance: GuidanceOptions | None = None,
@@ -518,8 +517,9 @@ def sweep(
     """Quality against NFE (or the guidance weight): one evaluation per (sampler, steps, weight), a table, a PNG.
 
     ``grid["guidance"]`` sweeps the weight of ``guidance`` (classifier-free when it is None).
-    ``tuned`` maps (sampler, steps) to a tuned grid (from ``grid_source``), used where present;
-    those in ``tuned_analytic`` were tuned with the analytic first step and run with it.
+    ``tuned`` maps (sampler, steps) to a tuned grid (from ``grid_source``) and its first step
+    ("analytic" for one tuned with the analytic first step, which it then runs with; else None),
+    used where present.
     """
     samplers = grid.get("sampler", [sampler])
     step_counts = grid.get("steps", [steps])
@@ -529,6 +529,7 @@ def sweep(
         options = guidance
         if weight is not None:
             options = replace(guidance, weight=weight) if guidance is not None else GuidanceOptions(weight)
+        sigmas, tuned_first = (tuned or {}).get((name, count), (None, None))
         record = evaluate_run(
             ctx,
             metrics=metrics,
@@ -536,15 +537,15 @@ def sweep(
             sampler=name,
             steps=count,
             spacing=spacing,
-            sigmas=(tuned or {}).get((name, count)),
-            grid_source=grid_source if (name, count) in (tuned or {}) else None,
+            sigmas=sigmas,
+            grid_source=grid_source if sigmas is not None else None,
             seed=seed,
             split=split,
             progress=progress,
             device=device,
             precision=precision,
             guidance=options,
-            first_step="analytic" if (name, count) in (tuned_analytic or set()) else first_step,
+            first_step=tuned_first or first_step,
         )
         record["sampler_requested"] = name  # the sweep's axis: "auto" stays one line across step counts
         rows.append(record)

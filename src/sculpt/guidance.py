@@ -127,8 +127,10 @@ class Guided(nn.Module):
         moments = getattr(self.D, "data_moments", None)
         if moments is None or self.interval is not None or self.rescale:
             return None
-        if self.guide is not None or moments.class_means is None:
-            return moments if self.guide is not None else None
+        if self.guide is not None:
+            return moments
+        if moments.class_means is None:
+            return None
         from .moments import DataMoments
 
         guided = torch.lerp(moments.mean.expand_as(moments.class_means), moments.class_means, self.weight)

@@ -470,15 +470,19 @@ def train(
         if config.task == "denoising":
             # The data's mean and variance: a sampler's analytic first step (sculpt.moments). Not for a
             # student, whose steps were distilled for its own grid: one more step would leave it.
-            if not (run_dir / MOMENTS_FILE).is_file():
-                measure_moments(
+            moments_path = run_dir / MOMENTS_FILE
+            if moments_path.is_file():  # a resumed run measured them at its start
+                moments = DataMoments.load(moments_path)
+            else:
+                moments = measure_moments(
                     dataset,
                     num_classes=config.model.num_classes,
                     hflip=config.data.hflip and codec is None,  # a latent cache holds the mirrored latents already
                     max_images=REFERENCE_MAX if isinstance(dataset, StreamingDataset) else MAX_IMAGES,
-                ).save(run_dir / MOMENTS_FILE)
+                )
+                moments.save(moments_path)
             inner = ema_denoiser.denoiser if codec is not None else ema_denoiser
-            inner.data_moments = DataMoments.load(run_dir / MOMENTS_FILE)  # the training-time samples use it too
+            inner.data_moments = moments  # the training-time samples use them too
 
     # The losses run through the compiled / data-parallel wrapper; the weights live in net.
     wrapped = net
