@@ -167,3 +167,40 @@ def test_bad_input_messages():
         S.make("linear", shift=-1.0)
     with pytest.raises(ValueError, match="bad option for schedule 'edm'"):
         S.make("edm", beta_end=0.1)
+
+
+def test_graded_grid_runs_from_cosine_uniform_to_few_step():
+    schedule = S.make("linear")
+    for steps in (3, 5, 7):  # a few steps: cosine_uniform itself
+        assert S.graded_weight(steps) == 0.0
+        assert torch.equal(S.graded(schedule, steps), S.cosine_uniform(schedule, steps))
+    assert [S.graded_weight(n) for n in (8, 11, 15, 50)] == pytest.approx([0.1, 0.4, 0.75, 0.75])
+    assert torch.allclose(S.graded(schedule, 10, weight=1.0), S.few_step(schedule, 10), rtol=1e-12)
+    assert torch.equal(S.graded(schedule, 10, weight=0.0), S.cosine_uniform(schedule, 10))
+    half = S.graded(schedule, 10, weight=0.5)[:-1]
+    expected = (S.cosine_uniform(schedule, 10)[:-1] * S.few_step(schedule, 10)[:-1]).sqrt()
+    assert torch.allclose(half, expected, rtol=1e-12)  # the geometric mean, level by level
+    assert S.auto_spacing(schedule, 10) == "graded"
+    with pytest.raises(ValueError, match=r"graded weight must lie in \[0, 1\]"):
+        S.graded(schedule, 10, weight=1.5)
+
+
+def test_graded_grid_beats_cosine_uniform_on_an_exact_mixture_at_twelve_steps():
+    """Sharp modes (std 0.1) need low levels: FD 0.0265 on cosine_uniform, 0.0081 on the default grid."""
+    from sculpt.evaluate import frechet_distance
+    from sculpt.samplers import sample
+    from sculpt.toy import GaussianMixture
+
+    signs = torch.randint(0, 2, (6, 16), generator=torch.Generator().manual_seed(16)) * 2 - 1
+    gm = GaussianMixture.make([0.3, 0.2, 0.2, 0.1, 0.1, 0.1], 0.5 * signs.to(torch.float64), [0.1] * 6)
+    schedule = S.make("linear")
+    truth = gm.sample(3000, generator=torch.Generator().manual_seed(1))[0].numpy()
+    noise = torch.randn(3000, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def fd(spacing):
+        x = sample(gm.denoiser, (3000, 16), sampler="unipc", steps=12, schedule=schedule, spacing=spacing,
+                   noise=noise, dtype=torch.float64)
+        return frechet_distance(x.numpy(), truth)
+
+    default, base = fd(None), fd("cosine_uniform")
+    assert default < 0.5 * base, (default, base)
