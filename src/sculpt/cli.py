@@ -670,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--spacing",
         default=None,
-        help=f"step grid: {' | '.join(GRIDS)} | tuned (default: a tuned grid, else the run's own; else graded)",
+        help=f"step grid: {' | '.join(GRIDS)} | tuned (default: a tuned grid, else the run's own; else cosine_uniform)",
     )
     sample.add_argument("-n", type=int, default=64, help="number of samples")
     sample.add_argument("--seed", type=int, default=0)
@@ -717,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--spacing",
         default=None,
-        help=f"step grid: {' | '.join(GRIDS)} | tuned (default: a tuned grid, else the run's own; else graded)",
+        help=f"step grid: {' | '.join(GRIDS)} | tuned (default: a tuned grid, else the run's own; else cosine_uniform)",
     )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--split", default="train", help="reference split of the run's dataset")

@@ -74,7 +74,7 @@ class TrainConfig:
     num_samples: int = 64  #: images in each sample grid
     sampler: str = "auto"  #: sampler for the grids and the run's default for sculpt sample / eval (auto: unipc)
     sample_steps: int = 20  #: steps for the grids, and the run's default for sculpt sample / eval
-    sample_spacing: str = ""  #: step grid for the grids and the run's default (empty: the default, graded)
+    sample_spacing: str = ""  #: step grid for the grids and the run's default (empty: the default, cosine_uniform)
     eval_every: int = 0  #: steps between small-n FID checks logged to log.jsonl (0: off)
     eval_n: int = 500  #: samples per training-time FID (small: biased upward, only for watching trends)
     eval_features: str = ""  #: classifier:DIR | inception:PATH; empty: fit a classifier on the data once

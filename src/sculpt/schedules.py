@@ -38,8 +38,6 @@ __all__ = [
     "logsnr_uniform",
     "few_step",
     "cosine_uniform",
-    "graded",
-    "graded_weight",
     "auto_spacing",
     "resolve_spacing",
     "sigma_to_alpha_sigma",
@@ -564,44 +562,6 @@ def cosine_uniform(schedule: Schedule, steps: int, s: float = 0.008) -> Tensor:
     return _finish(sigmas)
 
 
-def graded_weight(steps: int) -> float:
-    """How far ``graded`` leans from ``cosine_uniform`` toward ``few_step``: 0.1 (steps - 7), from 0 to 0.5.
-
-    0 up to 7 levels, 0.4 at 11 (10 calls with the analytic first step), 0.5 from 12. Fitted
-    between trained models, which want ``cosine_uniform``'s high last levels at a few steps, and
-    Gaussian mixtures with exact denoisers, which want ``few_step``'s low ones at every count;
-    the figures are in ``auto_spacing``.
-    """
-    _check_steps(steps)
-    return min(0.5, max(0.0, 0.1 * (steps - 7)))
-
-
-def graded(schedule: Schedule, steps: int, weight: float | None = None) -> Tensor:
-    """``cosine_uniform`` for few steps, leaning toward ``few_step``'s low levels as the steps grow.
-
-    log sigma_k = (1 - w) log sigma_k(cosine_uniform) + w log sigma_k(few_step), level by level,
-    with w = ``graded_weight(steps)`` unless ``weight`` is given (0 is ``cosine_uniform``, 1 is
-    ``few_step``). Both grids start at sigma_max (inf with zero terminal SNR), so this one does too.
-    A trained network is least accurate at low noise, and at a few steps the one big last jump
-    of ``cosine_uniform`` (its last level is about 1.6 / steps) is what scores best on it; as the
-    steps grow the discretisation error falls and the levels the data's fine detail needs
-    (``few_step`` goes down to 0.35 / steps, in units of sigma_data / 0.5) win, on exact
-    denoisers by 3-5x at 10 steps and on the trained models too from about 12 to 20.
-    """
-    steps = _check_steps(steps)
-    weight = graded_weight(steps) if weight is None else float(weight)
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"graded weight must lie in [0, 1] (got {weight}): 0 is cosine_uniform, 1 is few_step")
-    base = cosine_uniform(schedule, steps)
-    if weight == 0.0:
-        return base
-    low = few_step(schedule, steps)
-    if len(low) != len(base):  # a fallback changed one grid's length (hundreds of steps): keep the base
-        return base
-    levels = torch.exp((1 - weight) * base[:-1].log() + weight * low[:-1].log())
-    return _finish(levels)
-
-
 def consistency_grid(schedule: Schedule, steps: int, sigma_data: float = 0.5) -> Tensor:
     """Levels for multistep consistency sampling: sigma_max, then steps - 1 levels below 1.642 sigma_data.
 
@@ -629,33 +589,26 @@ GRIDS: dict[str, Callable[..., Tensor]] = {
     "logsnr": logsnr_uniform,
     "few_step": few_step,
     "cosine_uniform": cosine_uniform,
-    "graded": graded,
     "consistency": consistency_grid,
     "auto": lambda schedule, steps: GRIDS[auto_spacing(schedule, steps)](schedule, steps),
 }
 
 
 def auto_spacing(schedule: Schedule, steps: int) -> str:
-    """The grid that ``grid`` and ``sculpt.sample`` use when none is named: ``graded``.
+    """The grid that ``grid`` and ``sculpt.sample`` use when none is named: ``cosine_uniform``.
 
-    That is ``cosine_uniform`` up to 7 levels, leaning toward ``few_step`` from 8 (``graded_weight``).
-    Fitted on trained models (benchmarks/samplers.py ``--models``: the default digits and MNIST
-    runs, cosine schedule and v target, and both with EDM's schedule, target and weighting) and on
-    Gaussian mixtures with exact denoisers (benchmarks/defaults.py), which disagree. At a few steps
-    every trained model scores best on ``cosine_uniform`` (digits, unipc: FD 6.61 at NFE 5 against
-    9.50 on ``few_step`` and 524 on ``karras``; the EDM model 6.65 against 18.2 on its own
-    ``karras``): a network is least accurate at low noise, and one big last jump serves it best.
-    As the steps grow the low levels the data's detail needs win, on the mixtures at every count
-    (48-D, 12 modes, 10 steps: FD 0.107 / 0.061 / 0.034 / 0.022 at weights 0 / 0.25 / 0.5 / 0.75)
-    and on the trained models from about 13 levels (at 20 calls: MNIST 186 / 180 / 179 / 186,
-    MNIST-EDM 260 / 252 / 244 / 233; the digits, at their floor, 6.42 / 6.43 / 6.63 / 6.82). In
-    between (10 calls) the weight 0.4 costs the trained models up to 7% (MNIST 186 / 193 / 204
-    at 0 / 0.25 / 0.5) and gains the mixtures 2-3x. The weight stops at 0.5: beyond it the
-    mixtures gain little (1.06x at 20 calls in 48-D) and the digits and MNIST lose 3-6%.
-    ``spacing=`` overrides it.
+    Fitted on trained models (benchmarks/samplers.py ``--models``): the default digits and
+    MNIST runs (cosine schedule, v target) and the digits run with EDM's schedule, target and
+    weighting. On all three, with every solver, ``cosine_uniform`` is the best grid or within
+    2% of it at every NFE from 3 to 20 (digits, unipc: FD 6.61 at NFE 5 against 9.50 on
+    ``few_step``, 524 on ``karras``; 5.84 at 10 against 6.40; the EDM model 6.65 at 5 against
+    18.2 on its own ``karras`` levels). Gaussian mixtures with exact denoisers
+    (benchmarks/defaults.py) disagree: their sharp modes want levels down to ~0.1 / steps,
+    which ``few_step`` gives (2-5x lower FD there), but a trained network is least accurate
+    exactly there, and a user samples a trained network. ``spacing=`` overrides it.
     """
     _check_steps(steps)
-    return "graded"
+    return "cosine_uniform"
 
 
 def resolve_spacing(schedule: Schedule, steps: int, spacing: str | None = None) -> str:
