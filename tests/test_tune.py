@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -154,7 +155,8 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.slow
 def test_cli_tune_then_sample_uses_the_grid_and_refuses_other_weights(tiny_run, tmp_path, capsys):
     run = tiny_run
-    assert main(["tune", str(run), "--nfe", "3,4", "--sampler", "unipc", "-n", "8", "--candidates", "6"]) == 0
+    assert main(["tune", str(run), "--nfe", "3,4", "--sampler", "unipc", "-n", "8", "--candidates", "6",
+                 "--check-n", "0"]) == 0
     out = capsys.readouterr().out
     assert "unipc NFE 3" in out and "unipc NFE 4" in out and "wrote" in out
     record = json.loads((run / GRIDS_FILE).read_text())
@@ -187,7 +189,8 @@ def test_cli_tune_then_sample_uses_the_grid_and_refuses_other_weights(tiny_run, 
 @pytest.mark.slow
 def test_cli_eval_records_the_tuned_grid(tiny_run, tmp_path, capsys):
     run = tiny_run
-    assert main(["tune", str(run), "--nfe", "3", "--sampler", "dpmpp_2m", "-n", "8", "--candidates", "6"]) == 0
+    assert main(["tune", str(run), "--nfe", "3", "--sampler", "dpmpp_2m", "-n", "8", "--candidates", "6",
+                 "--check-n", "0"]) == 0
     assert main(["features", "train", "--data", "digits", "--steps", "20", "--out", str(tmp_path / "feat")]) == 0
     args = ["eval", str(run), "--metrics", "fid", "-n", "140", "--features", f"classifier:{tmp_path / 'feat'}"]
     with pytest.warns(UserWarning, match="below the recommended"):
@@ -257,3 +260,43 @@ def test_a_denoiser_with_moments_is_tuned_with_the_analytic_first_step(reference
     assert len(calls) == 4
     write_grids(tmp_path, "abc", [result])
     assert find_grid(tmp_path, "abc", "dpmpp_2m", 4).first_step == "analytic"
+
+
+def test_a_grid_that_lost_the_check_on_the_data_is_skipped_unless_asked_for(tmp_path, capsys):
+    from sculpt.cli import _tuned_sigmas
+
+    (tmp_path / "ema.safetensors").write_bytes(b"weights one")
+    digest = weights_hash(tmp_path / "ema.safetensors")
+    lost = replace(_grid("unipc", 4), check={"metric": "fid", "n": 500, "tuned_fid": 7.35, "default_fid": 6.42})
+    won = replace(_grid("unipc", 5), check={"metric": "fid", "n": 500, "tuned_fid": 197.0, "default_fid": 214.0})
+    write_grids(tmp_path, digest, [lost, won])
+    assert find_grid(tmp_path, digest, "unipc", 4).check["tuned_fid"] == 7.35  # round-trips through grids.json
+    assert find_grid(tmp_path, digest, "unipc", 4).lost_check and not find_grid(tmp_path, digest, "unipc", 5).lost_check
+    assert _tuned_sigmas(str(tmp_path), False, None, "unipc", 4) == (None, None, None)
+    assert "scored FD 7.35 against 6.42 for the default grid" in capsys.readouterr().out
+    sigmas, _, _ = _tuned_sigmas(str(tmp_path), False, "tuned", "unipc", 4)  # asked for by name: used
+    assert torch.equal(sigmas, lost.sigmas)
+    sigmas, _, _ = _tuned_sigmas(str(tmp_path), False, None, "unipc", 5)
+    assert torch.equal(sigmas, won.sigmas) and "using the tuned grid from" in capsys.readouterr().out
+    assert not _grid("unipc", 6).lost_check  # never checked: used as before
+
+
+@pytest.mark.slow
+def test_cli_tune_checks_each_grid_against_the_default_on_the_data(tiny_run, tmp_path, capsys):
+    run = tiny_run
+    assert main(["features", "train", "--data", "digits", "--steps", "20", "--out", str(tmp_path / "feat")]) == 0
+    assert main(["tune", str(run), "--nfe", "3", "--sampler", "unipc", "-n", "8", "--candidates", "6",
+                 "--check-n", "140", "--features", f"classifier:{tmp_path / 'feat'}"]) == 0
+    out = capsys.readouterr().out
+    assert "check unipc NFE 3: FD" in out and "on the default grid (cosine_uniform" in out
+    check = find_grid(run, weights_hash(run / "ema.safetensors"), "unipc", 3).check
+    assert check["n"] == 140 and check["default_grid"] == "cosine_uniform"
+    assert check["extractor"].startswith("classifier")
+    assert 0 < check["tuned_fid"] < 1e4 and 0 < check["default_fid"] < 1e4
+    png = tmp_path / "s.png"
+    assert main(["sample", str(run), "--sampler", "unipc", "--steps", "3", "-n", "4", "--out", str(png)]) == 0
+    said = capsys.readouterr().out
+    if check["tuned_fid"] > check["default_fid"]:
+        assert "not using the tuned grid" in said
+    else:
+        assert "using the tuned grid from" in said

@@ -136,6 +136,12 @@ def _tuned_sigmas(run: str, raw: bool, spacing: str | None, sampler: str, steps:
                 f"`sculpt tune {run} --sampler {sampler} --nfe {NFE[sampler](steps)}`"
             )
         return None, None, None
+    if found.lost_check and spacing != "tuned":
+        check = found.check
+        print(f"not using the tuned grid from {path} ({sampler}, {steps} steps): on the run's data it scored FD "
+              f"{check['tuned_fid']:.4g} against {check['default_fid']:.4g} for the default grid "
+              f"(n = {check['n']}, checked by `sculpt tune`); --spacing tuned uses it anyway")
+        return None, None, None
     shown = ", ".join(f"{float(v):.3g}" for v in found.sigmas)
     analytic = found.first_step == "analytic"
     print(f"using the tuned grid from {path} ({sampler}, {steps} steps, NFE {found.nfe}: sigmas {shown}"
@@ -537,10 +543,64 @@ def _tune(args: argparse.Namespace, extra: list[str]) -> int:
                 f"{result.held_out_error:.4g}; best default grid ({result.baseline}) {result.baseline_error:.4g}, "
                 f"{gain:.2f}x; {result.seconds:.1f} s, {result.calls} calls"
             )
-    path = write_grids(run_folder(args.run), digest, tuned)
+    path = write_grids(run_folder(args.run), digest, tuned)  # written before the check, which may fail
+    if args.check_n > 0:
+        tuned = _check_tuned(args, tuned, device)
+        path = write_grids(run_folder(args.run), digest, tuned)
+    used = sum(not g.lost_check for g in tuned)
     print(f"wrote {path}: {len(tuned)} grids for weights {digest} ({calls} calls of {args.n} samples, "
-          f"{time.perf_counter() - started:.0f} s); `sculpt sample` and `sculpt eval` use them")
+          f"{time.perf_counter() - started:.0f} s); `sculpt sample` and `sculpt eval` use "
+          + (f"the {used} that beat the default grid" if args.check_n > 0 else "them"))
     return 0
+
+
+def _check_tuned(args: argparse.Namespace, tuned: list, device: str) -> list:
+    """Score each tuned grid and the default grid at its NFE on the run's data (FD, the run's own features).
+
+    The tuning objective is the distance to the model's own fine ODE solution, and on trained networks a
+    coarse default grid can score better on the data than that solution does; the check keeps a user from
+    a grid that is closer to the ODE but farther from the data. Same noise for both grids.
+    """
+    from . import evaluate as ev
+
+    options = dict(metrics=["fid"], n=args.check_n, seed=args.seed + 1, device=device, progress=False,
+                   precision="auto")
+    checked = []
+    try:
+        ctx = ev.prepare(args.run, features=args.features, device=device, progress=False)
+        for grid in tuned:
+            mine = ev.evaluate_run(ctx, sampler=grid.sampler, steps=grid.steps, sigmas=grid.sigmas,
+                                   grid_source="tuning", first_step=grid.first_step, **options)
+            default = ev.evaluate_run(ctx, sampler=grid.sampler, steps=grid.steps, **options)
+            checked.append(_checked(grid, ctx, mine, default, args.check_n))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"the grids are written unchecked: the check on the data failed ({error}); "
+              f"pass --check-n 0 to skip it")
+        return tuned
+    return checked
+
+
+def _checked(grid, ctx, mine: dict, default: dict, n: int):
+    """The grid with its check: both FDs, and what the default grid was; says the verdict."""
+    from dataclasses import replace
+
+    check = {
+        "metric": "fid",
+        "n": n,
+        "extractor": ctx.extractor.name,
+        "extractor_weights_sha256": ctx.extractor.weights_hash,
+        "reference_key": ctx.reference.key,
+        "tuned_fid": float(mine["scores"]["fid"]),
+        "default_fid": float(default["scores"]["fid"]),
+        "default_grid": default["spacing"],
+        "default_first_step": default["first_step"],
+    }
+    grid = replace(grid, check=check)
+    verdict = "not used: the default grid scores better" if grid.lost_check else "used"
+    analytic = ", analytic first step" if default["first_step"] == "analytic" else ""
+    print(f"check {grid.sampler} NFE {grid.nfe}: FD {check['tuned_fid']:.4g} tuned, {check['default_fid']:.4g} on "
+          f"the default grid ({default['spacing']}{analytic}), n = {n}: {verdict}")
+    return grid
 
 
 def _features(args: argparse.Namespace, extra: list[str]) -> int:
@@ -782,6 +842,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--candidates", type=int, default=48, help="candidate noise levels for the DP")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--device", default=None)
+    tune.add_argument(
+        "--check-n", type=int, default=500,
+        help="samples per grid for the check on the run's data: each tuned grid's FD against the default grid's "
+        "at the same NFE; sample and eval skip a grid that lost (0: no check)",
+    )
+    tune.add_argument("--features", default=None, help="extractor for the check (default: the run's own classifier)")
     tune.set_defaults(handler=_tune)
 
     features = commands.add_parser("features", help="domain feature extractors for evaluation")

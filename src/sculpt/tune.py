@@ -122,6 +122,13 @@ class TunedGrid:
     settings: dict[str, Any] = field(default_factory=dict)
     #: "analytic": the grid has steps + 1 steps and its first x0_hat is the data moments' (``sculpt.moments``)
     first_step: str = "model"
+    #: ``sculpt tune``'s check on the run's data (None: not checked): FD of the tuned grid and of the default
+    #: grid at the same NFE, n, extractor; ``sculpt sample`` and ``sculpt eval`` skip a grid that lost it
+    check: dict[str, Any] | None = None
+
+    @property
+    def lost_check(self) -> bool:
+        return self.check is not None and self.check["tuned_fid"] > self.check["default_fid"]
 
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
