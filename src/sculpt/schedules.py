@@ -605,7 +605,10 @@ def auto_spacing(schedule: Schedule, steps: int) -> str:
     18.2 on its own ``karras`` levels). Gaussian mixtures with exact denoisers
     (benchmarks/defaults.py) disagree: their sharp modes want levels down to ~0.1 / steps,
     which ``few_step`` gives (2-5x lower FD there), but a trained network is least accurate
-    exactly there, and a user samples a trained network. ``spacing=`` overrides it.
+    exactly there, and a user samples a trained network. The better trained, the more so: leaning
+    level by level toward ``few_step`` (a quarter of the way in log sigma) costs the MNIST run
+    trained for 500 steps 4% at NFE 10 and the one trained for 2000 steps 24% (FD 66.9 -> 82.9),
+    while it halves the 48-D mixture's FD. ``spacing=`` overrides it.
     """
     _check_steps(steps)
     return "cosine_uniform"
