@@ -381,9 +381,10 @@ def run_diffusers_loop(cls: type, options: dict, steps: int, noise: Tensor, mode
     # Ancestral / SDE steps draw noise from a generator; deterministic steps have no such argument.
     extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = model(scheduler.scale_model_input(x, t), t)
-        x = scheduler.step(eps, t, x, **extra).prev_sample
+    with torch.inference_mode():  # a network's autograd graph would grow over the loop (24 GB on MNIST)
+        for t in scheduler.timesteps:
+            eps = model(scheduler.scale_model_input(x, t), t)
+            x = scheduler.step(eps, t, x, **extra).prev_sample
     return x
 
 
