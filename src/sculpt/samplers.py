@@ -681,10 +681,10 @@ def analytic_grid(schedule: Schedule, steps: int, spacing: str | None = None) ->
     already above 10: the grid for ``steps + 1``.
     """
     spacing = resolve_spacing(schedule, steps, spacing)
-    base = grid(schedule, steps, spacing)
-    if spacing == "cosine_uniform" and steps >= 3 and float(base[1]) < ANALYTIC_FIRST_CALL < float(base[0]):
-        level = base.new_tensor([ANALYTIC_FIRST_CALL])
-        return check_sigmas(torch.cat([base[:1], level, base[1:]]))
+    if spacing == "cosine_uniform" and steps >= 3:
+        base = grid(schedule, steps, spacing)
+        if float(base[1]) < ANALYTIC_FIRST_CALL < float(base[0]):
+            return check_sigmas(torch.cat([base[:1], base.new_tensor([ANALYTIC_FIRST_CALL]), base[1:]]))
     return check_sigmas(grid(schedule, steps + 1, spacing))
 
 
