@@ -7,13 +7,22 @@ with mean mu and covariance S,
 
 so at sigma_max (80 for EDM, 157 to 2e4 for the discrete VP schedules, inf for zero
 terminal SNR) the network's first evaluation carries almost nothing that the mean does
-not. ``DataMoments.denoise`` is that formula with S replaced by its diagonal, the
-per-coordinate variances (exact for Gaussian data with independent coordinates, and at
-sigma = inf for any data); its error is about |S - diag S| / sigma per unit of noise,
-2e-5 at the VP schedules' sigma_max and below 1e-2 at EDM's 80. The means are per class
-when the labels are known. A sampler that starts with it saves one network call: the
-analytic first step (AFS; Dockhorn et al. 2022 and Zhou et al. 2024 use mu = 0, which on
-images whose background is -1 is far off: FD 7.8 against 6.4 on digits at 5 calls).
+not. A sampler that starts from the moments saves network calls: the analytic first step
+(AFS; Dockhorn et al. 2022 and Zhou et al. 2024 use mu = 0, which on images whose
+background is -1 is far off: FD 7.8 against 6.4 on digits at 5 calls).
+
+For Gaussian data N(mu, S) the probability-flow ODE is solved in closed form: along each
+principal direction of S (variance lambda) the offset from mu scales by
+sqrt((lambda + sigma'^2) / (lambda + sigma^2)) from sigma to sigma' (``DataMoments.flow``).
+So the first stretch of every trajectory, from sigma_max down to where the data stops
+looking Gaussian, costs no network call at all (the "hidden linear structure" of Wang &
+Vastola 2023): the runs of images small enough for a covariance (up to
+``COVARIANCE_MAX_DIM`` coordinates) record its ``COVARIANCE_RANK`` leading directions, and
+the rest of the variance spread evenly over the remaining directions (probabilistic PCA).
+Without them (larger images, a conditional draw, an older run) the flow uses the
+per-coordinate variances: exact at sigma = inf for any data, off by about |S - diag S| /
+sigma per unit of noise below it, 2e-5 at the VP schedules' sigma_max and below 1e-2 at
+EDM's 80. The means are per class when the labels are known.
 
 A denoising run measures the moments on the data it trains on (latents for a latent run, the
 mirrored images too with ``data.hflip``; a student samples the grid it was distilled for, so
@@ -35,16 +44,28 @@ __all__ = ["DataMoments", "measure_moments", "MOMENTS_FILE"]
 
 MOMENTS_FILE = "data_moments.safetensors"
 MAX_IMAGES = 50_000  #: images read for the moments of a larger dataset (evenly spaced rows)
+#: The covariance is measured for images of at most this many coordinates (3 x 32 x 32 pixels, 4 x 32 x 32
+#: latents): its float64 total is 8 d^2 bytes (134 MB here) and its eigendecomposition O(d^3).
+COVARIANCE_MAX_DIM = 4096
+COVARIANCE_RANK = 256  #: principal directions kept (the file holds d x 256 floats: 4 MB at d = 4096)
 
 
 @dataclass
 class DataMoments:
-    """Mean [C, H, W], per-coordinate variance (same shape, or a float), per-class means [K, C, H, W] or None."""
+    """Mean [C, H, W], per-coordinate variance (same shape, or a float), per-class means [K, C, H, W] or None.
+
+    ``basis`` [d, k] (d = C * H * W) and ``eigs`` [k] are the covariance's k leading principal
+    directions and their variances (decreasing), ``residual`` the variance per direction
+    outside them; None where the covariance was not measured.
+    """
 
     mean: Tensor
     var: Tensor | float
     class_means: Tensor | None = None
     count: int = 0  #: images they were measured on
+    basis: Tensor | None = None
+    eigs: Tensor | None = None
+    residual: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mean.ndim < 1:
@@ -59,6 +80,23 @@ class DataMoments:
             raise ValueError(
                 f"class means {tuple(self.class_means.shape)} do not match the mean {tuple(self.mean.shape)}"
             )
+        if (self.basis is None) != (self.eigs is None):
+            raise ValueError("the covariance needs both its basis and its eigenvalues (or neither)")
+        if self.basis is not None:
+            d = self.mean.numel()
+            if self.basis.ndim != 2 or self.basis.shape[0] != d or tuple(self.eigs.shape) != (self.basis.shape[1],):
+                raise ValueError(
+                    f"the covariance basis must be [{d}, k] with k eigenvalues "
+                    f"(got {tuple(self.basis.shape)} and {tuple(self.eigs.shape)})"
+                )
+            if not (torch.isfinite(self.eigs).all() and (self.eigs >= 0).all() and self.residual >= 0):
+                raise ValueError("the covariance's eigenvalues must be finite and >= 0")
+
+    @property
+    def gaussian_until(self) -> float | None:
+        """sqrt of the largest principal variance: below this noise level the data's strongest direction
+        is resolved (SNR > 1) and a Gaussian no longer stands in for it; None without a covariance."""
+        return math.sqrt(float(self.eigs[0])) if self.eigs is not None and len(self.eigs) else None
 
     def means(self, n: int, class_labels: Tensor | None = None) -> Tensor:
         """[n, C, H, W]: each sample's class mean (a label past the last class, the null class, gets the mean)."""
@@ -76,6 +114,33 @@ class DataMoments:
         var = torch.as_tensor(self.var).to(device=x.device, dtype=x.dtype)
         return mu + (var / (var + sigma * sigma)) * (x - mu)
 
+    def flow(self, x: Tensor, sigma: float, sigma_next: float, class_labels: Tensor | None = None) -> Tensor:
+        """x at ``sigma`` carried to ``sigma_next`` by the probability-flow ODE of the Gaussian with these moments.
+
+        Exact for Gaussian data: the offset from the mean scales by sqrt((v + sigma_next^2) / (v + sigma^2))
+        along each principal direction of variance v (the covariance's, unconditionally and where it was
+        measured; else each coordinate's). At sigma = inf, x is the unit noise (``sculpt.sample``'s start)
+        and the offset is sqrt(v + sigma_next^2) x.
+        """
+        mu = self.means(x.shape[0], class_labels).to(device=x.device, dtype=torch.float64)
+        start = math.isinf(sigma)
+        offset = x.double() if start else x.double() - mu
+
+        def gain(v: Tensor) -> Tensor:
+            v = v.to(device=x.device, dtype=torch.float64)
+            top = torch.sqrt(v + sigma_next**2)
+            return top if start else top / torch.sqrt(v + sigma**2)
+
+        use_basis = self.basis is not None and (class_labels is None or self.class_means is None)
+        if not use_basis:
+            return (mu + gain(torch.as_tensor(self.var)) * offset).to(x.dtype)
+        flat = offset.reshape(len(x), -1)
+        basis = self.basis.to(device=x.device, dtype=torch.float64)
+        coords = flat @ basis  # [n, k]
+        rest = flat - coords @ basis.T  # the part outside the leading directions
+        moved = (coords * gain(self.eigs)) @ basis.T + rest * gain(torch.tensor(self.residual))
+        return (mu + moved.reshape(x.shape)).to(x.dtype)
+
     def knows(self, cond: dict | None) -> bool:
         """Whether the moments describe the distribution that ``cond`` asks for (labels need class means)."""
         keys = set(cond or {})
@@ -88,9 +153,11 @@ class DataMoments:
         tensors["var"] = torch.as_tensor(self.var, dtype=torch.float32).expand(self.mean.shape).contiguous()
         if self.class_means is not None:
             tensors["class_means"] = self.class_means.float().contiguous().cpu()
+        if self.basis is not None:
+            tensors["basis"], tensors["eigs"] = self.basis.float().contiguous().cpu(), self.eigs.float().contiguous().cpu()
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"count": str(self.count)})
+        save_file(tensors, str(tmp), metadata={"count": str(self.count), "residual": repr(float(self.residual))})
         tmp.replace(path)
 
     @classmethod
@@ -102,23 +169,38 @@ class DataMoments:
             meta = f.metadata() or {}
         if "mean" not in tensors or "var" not in tensors:
             raise ValueError(f"{path} is not a data-moments file (it needs 'mean' and 'var' tensors)")
-        return cls(tensors["mean"], tensors["var"], tensors.get("class_means"), int(meta.get("count", 0)))
+        return cls(
+            tensors["mean"],
+            tensors["var"],
+            tensors.get("class_means"),
+            int(meta.get("count", 0)),
+            tensors.get("basis"),
+            tensors.get("eigs"),
+            float(meta.get("residual", 0.0)),
+        )
 
 
 def measure_moments(
-    dataset, *, num_classes: int = 0, hflip: bool = False, max_images: int = MAX_IMAGES, batch_size: int = 1024
+    dataset,
+    *,
+    num_classes: int = 0,
+    hflip: bool = False,
+    max_images: int = MAX_IMAGES,
+    batch_size: int = 1024,
+    covariance: bool = True,
 ) -> DataMoments:
     """The moments of ``dataset`` (anything with ``images(rows)``, ``labels`` and ``len``), totalled in float64.
 
     ``hflip`` averages the images with their mirrors (the distribution a flipped-training run
     sees); ``num_classes`` > 0 adds per-class means. Sets larger than ``max_images`` are
-    read at evenly spaced rows.
+    read at evenly spaced rows. ``covariance`` adds the covariance's ``COVARIANCE_RANK``
+    leading directions for images of at most ``COVARIANCE_MAX_DIM`` coordinates.
     """
     n = len(dataset)
     if n == 0:
         raise ValueError("cannot measure the moments of an empty dataset")
     rows = torch.arange(n) if n <= max_images else torch.linspace(0, n - 1, max_images).round().long()
-    total = square = None
+    total = square = outer = shift = None
     class_total = class_count = None
     streamed = not isinstance(getattr(dataset, "pixels", None), Tensor)  # read from disk, image by image
     count = 0
@@ -136,11 +218,18 @@ def measure_moments(
             x = torch.cat([x, x.flip(-1)])
         if total is None:
             total, square = torch.zeros(x.shape[1:], dtype=torch.float64), torch.zeros(x.shape[1:], dtype=torch.float64)
+            dim = x[0].numel()
+            if covariance and dim <= COVARIANCE_MAX_DIM:
+                outer = torch.zeros(dim, dim, dtype=torch.float64)
+                shift = x.reshape(len(x), -1).mean(0)  # products of offsets from it: no cancellation at the end
             if num_classes:
                 class_total = torch.zeros(num_classes, *x.shape[1:], dtype=torch.float64)
                 class_count = torch.zeros(num_classes, dtype=torch.float64)
         total += x.sum(0).double()
         square += (x * x).sum(0).double()
+        if outer is not None:
+            flat = x.reshape(len(x), -1) - shift
+            outer += (flat.T @ flat).double()  # float32 within the batch, like the sums
         if num_classes:
             labels = dataset.labels[index].long()
             labels = torch.cat([labels, labels]) if hflip else labels
@@ -158,7 +247,19 @@ def measure_moments(
         class_means = mean.expand(num_classes, *mean.shape).clone()
         class_means[present] = class_total[present] / class_count[present].view(-1, *[1] * mean.ndim)
         class_means = class_means.float()
-    return DataMoments(mean.float(), var.float(), class_means, count)
+    basis = eigs = None
+    residual = 0.0
+    if outer is not None:
+        offset = mean.reshape(-1) - shift.double()
+        cov = outer / count - torch.outer(offset, offset)
+        values, vectors = torch.linalg.eigh((cov + cov.T) / 2)  # ascending
+        values = values.clamp_min(0).flip(0)
+        vectors = vectors.flip(1)
+        rank = min(COVARIANCE_RANK, len(values))
+        basis, eigs = vectors[:, :rank].float().contiguous(), values[:rank].float()
+        if rank < len(values):
+            residual = float(values[rank:].mean())
+    return DataMoments(mean.float(), var.float(), class_means, count, basis, eigs, residual)
 
 
 def _readable(dataset, rows: Tensor) -> tuple[Tensor, list[Tensor]]:

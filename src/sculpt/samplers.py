@@ -41,14 +41,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from .denoiser import DenoiserFn
 from .runtime import autocast
-from .schedules import Schedule, _check_steps, grid, resolve_spacing
+from .schedules import Schedule, _check_steps, cosine_uniform, grid, resolve_spacing
 
 __all__ = [
     "SAMPLERS",
@@ -74,6 +74,7 @@ __all__ = [
     "resolve_first_step",
     "first_step_of",
     "analytic_grid",
+    "analytic_start",
     "FIRST_STEPS",
     "sample",
     "generate",
@@ -666,26 +667,61 @@ ANALYTIC_MIN_SIGMA = 50.0
 ANALYTIC_FIRST_CALL = 10.0
 
 
-def analytic_grid(schedule: Schedule, steps: int, spacing: str | None = None) -> Tensor:
+def analytic_grid(schedule: Schedule, steps: int, spacing: str | None = None, moments=None) -> Tensor:
     """The grid for ``steps`` network calls after the analytic first step: ``steps + 1`` steps.
 
-    On the default grid (``cosine_uniform``) from 3 calls it is that grid for ``steps`` with one
-    level inserted at sigma = ``ANALYTIC_FIRST_CALL`` (10), after sigma_max: the moments answer
-    sigma_max, the network is first called at 10, then on the default levels (3.76, 1.75, ... at 5
-    calls). The structure of images forms well above the default grid's second level, and one
-    jump from sigma_max to it on the mean alone is far off. Measured (benchmarks/README.md, stop
-    22; FD at NFE 3 / 4 / 5 / 6 / 8 / 10 against the default grid respaced for steps + 1): the
-    MNIST run trained 2000 steps 148 / 98.3 / 78.9 / 73.8 / 71.2 / 67.8 against 255 / 159 / 123 /
-    103 / 82.8 / 66.9; the digits, at their floor, 10.9 / 7.41 / 6.46 / 5.95 / 5.99 / 5.93
-    against 9.27 / 7.26 / 6.42 / 6.29 / 6.17 / 6.24. Other grids, fewer calls, or a second level
-    already above 10: the grid for ``steps + 1``.
+    The first step (sigma_max to the second level) is the Gaussian's closed-form flow
+    (``analytic_start``); the network is called from the second level on. On the default grid
+    (``cosine_uniform``):
+
+    - with ``moments`` that carry the data's covariance (an unconditional draw), the network's
+      first call goes to the grid for ``steps + 1``'s second level, or down to no lower than
+      ``moments.gaussian_until`` (sqrt of the largest principal variance: 1.67 on the 8x8
+      digits, 4.5 on MNIST), where the data stops looking Gaussian; the calls then walk the
+      default spacing from there. Few calls spend all of their budget where the network knows
+      more than the Gaussian: digits FD at NFE 3 / 4 / 5 (benchmarks/README.md, stop 23)
+      5.44 / 4.51 / 4.28 against 7.83 / 4.95 / 4.54 with the level at 10 below;
+    - without them (per-coordinate variances only: a conditional draw, larger images, an older
+      run), from 3 calls it is that grid for ``steps`` with one level inserted at sigma =
+      ``ANALYTIC_FIRST_CALL`` (10), after sigma_max: the structure of images forms well above
+      the default grid's second level, and the diagonal Gaussian is far off there. Measured
+      (stop 22; FD at NFE 3 / 4 / 5 / 6 / 8 / 10 against the default grid respaced for steps
+      + 1): the MNIST run trained 2000 steps 148 / 98.3 / 78.9 / 73.8 / 71.2 / 67.8 against
+      255 / 159 / 123 / 103 / 82.8 / 66.9.
+
+    Other grids, fewer calls, or a second level already above 10: the grid for ``steps + 1``.
     """
     spacing = resolve_spacing(schedule, steps, spacing)
+    floor = getattr(moments, "gaussian_until", None)
+    if spacing == "cosine_uniform" and floor is not None:
+        longer = grid(schedule, steps + 1, spacing)
+        first = max(float(longer[1]), floor)
+        if first < float(longer[0]):
+            try:
+                rest = cosine_uniform(schedule, steps, top=first)
+            except ValueError:  # hundreds of calls below a low first level: the plain longer grid
+                return check_sigmas(longer)
+            return check_sigmas(torch.cat([longer[:1], rest]))
     if spacing == "cosine_uniform" and steps >= 3:
         base = grid(schedule, steps, spacing)
         if float(base[1]) < ANALYTIC_FIRST_CALL < float(base[0]):
             return check_sigmas(torch.cat([base[:1], base.new_tensor([ANALYTIC_FIRST_CALL]), base[1:]]))
     return check_sigmas(grid(schedule, steps + 1, spacing))
+
+
+def analytic_start(
+    moments, x: Tensor, sigmas: Tensor, cond: dict | None = None, callback: Callback | None = None
+) -> tuple[Tensor, Tensor, Callback | None]:
+    """The grid's first step solved in closed form: x carried from sigmas[0] to sigmas[1] by the flow of the
+    Gaussian with the data's moments (``DataMoments.flow``), the rest of the grid, and the callback shifted by
+    the step it reported (its x0_hat the Gaussian's posterior mean at sigmas[0]: the data mean at infinity)."""
+    labels = (cond or {}).get("class_labels")
+    sigma, sigma_next = float(sigmas[0]), float(sigmas[1])
+    x_next = moments.flow(x, sigma, sigma_next, labels)
+    if callback is None:
+        return x_next, sigmas[1:], None
+    callback(StepInfo(0, sigma, sigma_next, x_next, moments.denoise(x, sigma, labels)))
+    return x_next, sigmas[1:], lambda info: callback(replace(info, index=info.index + 1))
 
 
 def resolve_first_step(
@@ -760,20 +796,6 @@ def first_step_of(
     return resolve_first_step(
         first_step, sampler, D, cond=cond, sigma_max=sigma_max, steps=steps, grid_given=sigmas is not None
     )
-
-
-def _analytic_first(denoise: Callable[..., Tensor], moments, cond: dict | None) -> Callable[..., Tensor]:
-    """denoise with its first call answered by the data's moments (no network call)."""
-    labels = (cond or {}).get("class_labels")
-    state = {"first": True}
-
-    def wrapped(x: Tensor, sigma: Tensor) -> Tensor:
-        if state["first"]:
-            state["first"] = False
-            return moments.denoise(x, float(sigma.reshape(-1)[0]), labels)
-        return denoise(x, sigma)
-
-    return wrapped
 
 
 def auto_sampler(steps: int, schedule: Schedule | None = None) -> str:
@@ -867,8 +889,8 @@ def sample(
     analytic = "analytic" == resolve_first_step(
         first_step, sampler, D, cond=cond, sigma_max=float(sigmas[0]), steps=len(sigmas) - 1, grid_given=grid_given
     )
-    if analytic and not grid_given:
-        sigmas = analytic_grid(schedule, steps, spacing)  # the saved call buys one more step
+    if analytic and not grid_given:  # the saved call buys one more step
+        sigmas = analytic_grid(schedule, steps, spacing, None if cond else D.data_moments)
     if device is None:
         params = getattr(D, "parameters", None)
         first = next(iter(params()), None) if callable(params) else None
@@ -883,9 +905,11 @@ def sample(
     sigma_max = float(sigmas[0])
     x = noise if math.isinf(sigma_max) else noise * math.sqrt(1 + sigma_max**2)
     denoise = D if not cond else (lambda x, sigma: D(x, sigma, **cond))
-    if analytic:
-        denoise = _analytic_first(denoise, D.data_moments, cond)
     with torch.inference_mode(), autocast(device, precision):
+        if analytic:
+            x, sigmas, callback = analytic_start(D.data_moments, x, sigmas, cond, callback)
+            if float(sigmas[0]) == 0:  # a one-step grid: the Gaussian's sample is the answer
+                return x
         return SAMPLERS[sampler](denoise, x, sigmas, generator=generator, callback=callback, **options)
 
 

@@ -542,22 +542,27 @@ def few_step(schedule: Schedule, steps: int, sigma_data: float = 0.5) -> Tensor:
     return logsnr_uniform(schedule, steps, sigma_hi=sigma_hi, sigma_lo=sigma_lo)
 
 
-def cosine_uniform(schedule: Schedule, steps: int, s: float = 0.008) -> Tensor:
+def cosine_uniform(schedule: Schedule, steps: int, s: float = 0.008, top: float | None = None) -> Tensor:
     """The cosine schedule's levels at trailing uniform times, on any schedule.
 
     sigma = tan(pi/2 (t + s) / (1 + s)) (Nichol & Dhariwal 2021's alpha_bar, s = 0.008) at
     t = t_max (1 - k / steps), k = 0 .. steps - 1, where t_max is the cosine time of the
     schedule's sigma_max (1 with zero terminal SNR, where the first level is inf): the levels
     ``trailing`` gives on the cosine schedule, whatever the schedule. Where hundreds of steps
-    would put levels below sigma_min it falls back to ``trailing``.
+    would put levels below sigma_min it falls back to ``trailing``. ``top`` starts the grid
+    at that level instead of sigma_max (the same spacing of the shorter stretch).
     """
     steps = _check_steps(steps)
-    sigma_max = schedule.sigma_max
+    sigma_max = schedule.sigma_max if top is None else float(top)
+    if not 0 < sigma_max <= schedule.sigma_max:
+        raise ValueError(f"top must lie in (0, sigma_max = {schedule.sigma_max:g}] (got {sigma_max:g})")
     t_max = 1.0 if math.isinf(sigma_max) else min(1.0, 2 / math.pi * math.atan(sigma_max) * (1 + s) - s)
     t = t_max * (1 - torch.arange(steps, dtype=_F64) / steps)
     sigmas = torch.tan(math.pi / 2 * (t + s) / (1 + s))
     sigmas[0] = sigma_max  # exactly the schedule's top (inf, or sigma_max where round-off differs)
     if sigmas[-1] < schedule.sigma_min:
+        if top is not None:
+            raise ValueError(f"{steps} cosine_uniform levels below {sigma_max:g} reach under sigma_min; use fewer")
         return uniform_t(schedule, steps, "trailing")
     return _finish(sigmas)
 

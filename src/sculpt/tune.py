@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import DenoiserFn
-from .samplers import NFE, SAMPLERS, _analytic_first, check_sigmas, ddim, resolve_first_step
+from .samplers import NFE, SAMPLERS, analytic_grid, analytic_start, check_sigmas, ddim, resolve_first_step
 from .schedules import GRIDS, Schedule, grid
 
 __all__ = [
@@ -287,11 +287,25 @@ def _dp_grid(ref: Reference, steps: int, sigma_data: float) -> Tensor:
 
 
 def grid_error(
-    D: Callable[[Tensor, Tensor], Tensor], sampler: str, sigmas: Tensor, ref: Reference, **options: float
+    D: Callable[[Tensor, Tensor], Tensor],
+    sampler: str,
+    sigmas: Tensor,
+    ref: Reference,
+    *,
+    moments=None,
+    cond: dict | None = None,
+    **options: float,
 ) -> float:
-    """Mean per-sample RMS distance of ``sampler`` on ``sigmas``, from the reference's noise, to its end points."""
+    """Mean per-sample RMS distance of ``sampler`` on ``sigmas``, from the reference's noise, to its end points.
+
+    With ``moments`` the first step is the analytic one (``sculpt.samplers.analytic_start``).
+    """
     with torch.inference_mode():
-        x = SAMPLERS[sampler](D, ref.noise.clone(), sigmas, **options)
+        x = ref.noise.clone()
+        if moments is not None:
+            x, sigmas, _ = analytic_start(moments, x, sigmas, cond)
+        if float(sigmas[0]) > 0:
+            x = SAMPLERS[sampler](D, x, sigmas, **options)
     return _distance(x, ref.end) if torch.isfinite(x).all() else math.inf
 
 
@@ -378,12 +392,13 @@ def tune(
     grid_steps = steps + (moments is not None)  # the analytic first step is one step more, no call
 
     def error_of(sigmas: Tensor, against: Reference) -> float:
-        solver_D = counted if moments is None else _analytic_first(counted, moments, cond)
-        return grid_error(solver_D, sampler, sigmas, against)
+        return grid_error(counted, sampler, sigmas, against, moments=moments, cond=cond)
 
     sigma_data = float(getattr(D, "sigma_data", 0.5))
     start_points = {"dp": _dp_grid(ref, grid_steps, sigma_data)}
     start_points.update({name: grid(schedule, grid_steps, name) for name in _BASELINES})
+    if moments is not None:  # the default grid of the analytic first step (its first call at the Gaussian's end)
+        start_points["analytic"] = analytic_grid(schedule, steps, None, None if cond else moments)
     scored = {name: error_of(sigmas, ref) for name, sigmas in start_points.items()}
     start = min(scored, key=scored.get)
     sigmas, error = start_points[start], scored[start]
