@@ -154,7 +154,8 @@ class DataMoments:
         if self.class_means is not None:
             tensors["class_means"] = self.class_means.float().contiguous().cpu()
         if self.basis is not None:
-            tensors["basis"], tensors["eigs"] = self.basis.float().contiguous().cpu(), self.eigs.float().contiguous().cpu()
+            tensors["basis"] = self.basis.float().contiguous().cpu()
+            tensors["eigs"] = self.eigs.float().contiguous().cpu()
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"count": str(self.count), "residual": repr(float(self.residual))})
