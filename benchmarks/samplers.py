@@ -482,7 +482,8 @@ def model_problem(name: str, args: argparse.Namespace) -> tuple[Problem, str]:
         train(override(Config(), {**MODEL_RECIPES[name], "train.sample_every": "0", "out": str(run)}), progress=True)
     D, config = load(run)
     train_set = load_dataset(config.data.name)
-    if D.data_moments is None:  # a run trained before sculpt recorded them: what training now writes
+    if D.data_moments is None or D.data_moments.basis is None:  # a run trained before sculpt recorded them (or
+        # their covariance, stop 23): what training now writes
         measure_moments(train_set, num_classes=config.model.num_classes, hflip=config.data.hflip).save(
             run / MOMENTS_FILE)
         D.data_moments = DataMoments.load(run / MOMENTS_FILE)

@@ -246,7 +246,7 @@ def _record(
         "sigmas": [float(v) for v in sigmas] if sigmas is not None else None,
         "tuned_grid": grid_source,  # the grids.json the sigmas came from, tuned for checkpoint_sha256
         "nfe": NFE[sampler](steps),
-        "first_step": first_step,  # analytic: the data's moments gave the first x0_hat (grid of steps + 1)
+        "first_step": first_step,  # analytic: the first step was the data moments' Gaussian flow (steps + 1)
         "precision": precision,
         "guidance": guidance,
         "task": config.task,

@@ -679,8 +679,9 @@ def analytic_grid(schedule: Schedule, steps: int, spacing: str | None = None, mo
       ``moments.gaussian_until`` (sqrt of the largest principal variance: 1.67 on the 8x8
       digits, 4.5 on MNIST), where the data stops looking Gaussian; the calls then walk the
       default spacing from there. Few calls spend all of their budget where the network knows
-      more than the Gaussian: digits FD at NFE 3 / 4 / 5 (benchmarks/README.md, stop 23)
-      5.44 / 4.51 / 4.28 against 7.83 / 4.95 / 4.54 with the level at 10 below;
+      more than the Gaussian: FD at NFE 3 / 4 / 5 / 6 (README.md, stop 23) on digits 7.77 /
+      6.62 / 5.90 / 5.79 against 9.86 / 6.94 / 6.16 / 5.84 with the variances and the level at
+      10 below, on MNIST trained 500 steps 190 / 147 / 134 / 137 against 214 / 171 / 149 / 148;
     - without them (per-coordinate variances only: a conditional draw, larger images, an older
       run), from 3 calls it is that grid for ``steps`` with one level inserted at sigma =
       ``ANALYTIC_FIRST_CALL`` (10), after sigma_max: the structure of images forms well above
@@ -734,7 +735,7 @@ def resolve_first_step(
     steps: int | None = None,
     grid_given: bool = False,
 ) -> str:
-    """``analytic`` or ``model``: whether the first step's x0_hat is the data's moments (``sculpt.moments``).
+    """``analytic`` or ``model``: whether the first step is the data moments' Gaussian flow (``sculpt.moments``).
 
     ``auto`` takes the analytic first step where it is exact to float error and the grid is
     the rule's own: D carries its training data's moments (a sculpt run trained since they are

@@ -120,7 +120,7 @@ class TunedGrid:
     calls: int  #: batched denoiser calls spent on this grid (the references not included)
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
-    #: "analytic": the grid has steps + 1 steps and its first x0_hat is the data moments' (``sculpt.moments``)
+    #: "analytic": the grid has steps + 1 steps, the first the data moments' Gaussian flow (``sculpt.moments``)
     first_step: str = "model"
     #: ``sculpt tune``'s check on the run's data (None: not checked): FD of the tuned grid and of the default
     #: grid at the same NFE, n, extractor; ``sculpt sample`` and ``sculpt eval`` skip a grid that lost it
@@ -372,8 +372,8 @@ def tune(
     ``shape`` is one sample's shape; ``n`` samples are drawn for tuning and ``n`` more to
     check the result (``held_out_error``). Pass ``references`` (two ``reference`` solves:
     tuning, held out) to share them across several calls. ``first_step`` as in ``sample``:
-    where D carries its data's moments the grid gets one more step whose first x0_hat is
-    theirs (the tuned grid records it; sample it with ``first_step="analytic"``).
+    where D carries its data's moments the grid gets one more step, the first, which is their
+    Gaussian's closed-form flow (the tuned grid records it; sample it with ``first_step="analytic"``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
