@@ -234,7 +234,8 @@ def test_cli_picks_up_a_tuned_grid_for_its_weights_only(tmp_path, capsys):
         _tuned_sigmas(str(tmp_path), True, "tuned", "unipc", 4)
 
 
-def test_a_denoiser_with_moments_is_tuned_with_the_analytic_first_step(references, tmp_path):
+@pytest.mark.parametrize("covariance", [False, True])
+def test_a_denoiser_with_moments_is_tuned_with_the_analytic_first_step(references, tmp_path, covariance):
     from sculpt.moments import DataMoments
 
     schedule = S.make("linear")
@@ -242,12 +243,15 @@ def test_a_denoiser_with_moments_is_tuned_with_the_analytic_first_step(reference
     def with_moments(x, sigma):
         return exact(x, sigma)
 
-    with_moments.data_moments = DataMoments(MIXTURE.mean, torch.diagonal(MIXTURE.cov))
+    values, vectors = torch.linalg.eigh(MIXTURE.cov)
+    basis = dict(basis=vectors.flip(1).float(), eigs=values.flip(0).float()) if covariance else {}
+    with_moments.data_moments = DataMoments(MIXTURE.mean, torch.diagonal(MIXTURE.cov), **basis)
     result = tune(with_moments, (2,), nfe=4, sampler="dpmpp_2m", schedule=schedule, references=references)
     plain = tune(exact, (2,), nfe=4, sampler="dpmpp_2m", schedule=schedule, references=references)
     assert result.first_step == "analytic" and plain.first_step == "model"
     assert result.steps == result.nfe == 4 and len(result.sigmas) == 6  # five steps for four calls
-    assert result.held_out_error < plain.held_out_error  # the free step helps the exact denoiser
+    # The free step helps the exact denoiser: held-out error 0.046 (variances) and 0.052 (covariance) vs 0.074.
+    assert result.held_out_error < 0.75 * plain.held_out_error
     calls = []
 
     def counted(x, sigma):
