@@ -601,6 +601,8 @@ def comparisons(sculpt: list[Result], diffusers: list[Result]) -> list[str]:
         theirs = best(diffusers, target)
         for name, where in (("grids diffusers offers", lambda r: r.config in SHARED_GRIDS),
                             ("any sculpt grid", lambda r: True)):
+            if not any(r.target == target and where(r) for r in sculpt):  # e.g. --model-grids cosine_uniform
+                continue
             ours = best(sculpt, target, where)
             lines.append(f"NFE {target} frechet ({name}): sculpt {ours.label} {ours.fd:.3g}, "
                          f"diffusers best ({theirs.label}) {theirs.fd:.3g}, {theirs.fd / ours.fd:.2f}x")
