@@ -256,3 +256,24 @@ def test_analytic_grid_inserts_the_first_network_call_only_on_the_default_grid()
     high = schedules.make("cosine", shift=64.0)
     assert float(schedules.grid(high, 5)[1]) > 10
     assert torch.equal(analytic_grid(high, 5), schedules.grid(high, 6))
+
+
+@pytest.mark.parametrize("kind", ["cosine_zsnr", "edm", "linear", "shifted"])
+def test_the_covariance_flow_runs_on_every_schedule_kind_and_counts_its_calls(kind):
+    schedule = {
+        "cosine_zsnr": lambda: schedules.make("cosine", zero_terminal_snr=True),
+        "edm": lambda: schedules.make("edm"),
+        "linear": lambda: schedules.make("linear"),
+        "shifted": lambda: schedules.make("cosine", res=32, base_res=8),
+    }[kind]()
+    D, mu, S = correlated_gaussian(schedule)
+    values, vectors = torch.linalg.eigh(S)
+    D.D.data_moments = DataMoments(mu.reshape(1, 3, 4), torch.diagonal(S).reshape(1, 3, 4),
+                                   basis=vectors.flip(1).float(), eigs=values.flip(0).float())
+    seen = []
+    for steps in (1, 3, 8):
+        D.rows = 0
+        out = sample(D, (16, 1, 3, 4), steps=steps, schedule=schedule, dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(0), callback=seen.append)
+        assert torch.isfinite(out).all() and D.rows == 16 * steps
+        assert [info.index for info in seen[-(steps + 1):]] == list(range(steps + 1))  # the analytic step is step 0
