@@ -363,7 +363,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> int:
     print(
         f"wrote {out}: {args.n} samples{rows}, {args.sampler} with {args.steps} steps "
         f"({NFE[args.sampler](args.steps)} NFE) on the {grid_name} grid{guided}"
-        + (", analytic first step (the data's mean: one step more, no network call)" if first == "analytic" else "")
+        + (", analytic first step (the data's Gaussian: one step more, no call)" if first == "analytic" else "")
     )
     if args.trajectory:
         shown = min(args.n, args.batch_size, 4)  # the trajectory follows the first batch
@@ -740,8 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guidance_arguments(sample)
     sample.add_argument(
         "--first-step", default=AUTO, choices=FIRST_STEPS,
-        help="auto: the analytic first step (the data's recorded mean, no network call) where the run has its "
-        "moments and the solver takes it; analytic insists; model always calls the network",
+        help="auto: the analytic first step (the recorded data moments' Gaussian flow, no network call) where the run "
+        "has them and the solver takes it; analytic insists; model always calls the network",
     )
     sample.add_argument("--out", default=None, help="output file (default samples.png / samples.npz)")
     sample.add_argument("--format", default="png", choices=["png", "npz"])
@@ -797,8 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guidance_arguments(evaluate)
     evaluate.add_argument(
         "--first-step", default=AUTO, choices=FIRST_STEPS,
-        help="auto: the analytic first step (the data's recorded mean, no network call) where the run has its "
-        "moments and the solver takes it; analytic insists; model always calls the network",
+        help="auto: the analytic first step (the recorded data moments' Gaussian flow, no network call) where the run "
+        "has them and the solver takes it; analytic insists; model always calls the network",
     )
     evaluate.add_argument("--plot", default=None, help="sweep plot path (default RUN/eval_sweep.png)")
     evaluate.add_argument(
