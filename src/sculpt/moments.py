@@ -98,6 +98,11 @@ class DataMoments:
         is resolved (SNR > 1) and a Gaussian no longer stands in for it; None without a covariance."""
         return math.sqrt(float(self.eigs[0])) if self.eigs is not None and len(self.eigs) else None
 
+    def uses_covariance(self, class_labels: Tensor | None = None) -> bool:
+        """Whether ``flow`` moves along the covariance's directions for this draw: measured, and unconditional
+        (a draw from the class means keeps the per-coordinate variances, which the total covariance overstates)."""
+        return self.basis is not None and (class_labels is None or self.class_means is None)
+
     def means(self, n: int, class_labels: Tensor | None = None) -> Tensor:
         """[n, C, H, W]: each sample's class mean (a label past the last class, the null class, gets the mean)."""
         if class_labels is None or self.class_means is None:
@@ -131,8 +136,7 @@ class DataMoments:
             top = torch.sqrt(v + sigma_next**2)
             return top if start else top / torch.sqrt(v + sigma**2)
 
-        use_basis = self.basis is not None and (class_labels is None or self.class_means is None)
-        if not use_basis:
+        if not self.uses_covariance(class_labels):
             return (mu + gain(torch.as_tensor(self.var)) * offset).to(x.dtype)
         flat = offset.reshape(len(x), -1)
         basis = self.basis.to(device=x.device, dtype=torch.float64)

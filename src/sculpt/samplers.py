@@ -667,14 +667,16 @@ ANALYTIC_MIN_SIGMA = 50.0
 ANALYTIC_FIRST_CALL = 10.0
 
 
-def analytic_grid(schedule: Schedule, steps: int, spacing: str | None = None, moments=None) -> Tensor:
+def analytic_grid(
+    schedule: Schedule, steps: int, spacing: str | None = None, moments=None, cond: dict | None = None
+) -> Tensor:
     """The grid for ``steps`` network calls after the analytic first step: ``steps + 1`` steps.
 
     The first step (sigma_max to the second level) is the Gaussian's closed-form flow
     (``analytic_start``); the network is called from the second level on. On the default grid
     (``cosine_uniform``):
 
-    - with ``moments`` that carry the data's covariance (an unconditional draw), the network's
+    - with ``moments`` whose covariance the draw ``cond`` uses (``DataMoments.uses_covariance``), the network's
       first call goes to the grid for ``steps + 1``'s second level, or down to no lower than
       ``moments.gaussian_until`` (sqrt of the largest principal variance: 1.67 on the 8x8
       digits, 4.5 on MNIST), where the data stops looking Gaussian; the calls then walk the
@@ -693,7 +695,8 @@ def analytic_grid(schedule: Schedule, steps: int, spacing: str | None = None, mo
     Other grids, fewer calls, or a second level already above 10: the grid for ``steps + 1``.
     """
     spacing = resolve_spacing(schedule, steps, spacing)
-    floor = getattr(moments, "gaussian_until", None)
+    labels = (cond or {}).get("class_labels")
+    floor = moments.gaussian_until if moments is not None and moments.uses_covariance(labels) else None
     if spacing == "cosine_uniform" and floor is not None:
         longer = grid(schedule, steps + 1, spacing)
         first = max(float(longer[1]), floor)
@@ -891,7 +894,7 @@ def sample(
         first_step, sampler, D, cond=cond, sigma_max=float(sigmas[0]), steps=len(sigmas) - 1, grid_given=grid_given
     )
     if analytic and not grid_given:  # the saved call buys one more step
-        sigmas = analytic_grid(schedule, steps, spacing, None if cond else D.data_moments)
+        sigmas = analytic_grid(schedule, steps, spacing, D.data_moments, cond)
     if device is None:
         params = getattr(D, "parameters", None)
         first = next(iter(params()), None) if callable(params) else None

@@ -398,7 +398,7 @@ def tune(
     start_points = {"dp": _dp_grid(ref, grid_steps, sigma_data)}
     start_points.update({name: grid(schedule, grid_steps, name) for name in _BASELINES})
     if moments is not None:  # the default grid of the analytic first step (its first call at the Gaussian's end)
-        start_points["analytic"] = analytic_grid(schedule, steps, None, None if cond else moments)
+        start_points["analytic"] = analytic_grid(schedule, steps, None, moments, cond)
     scored = {name: error_of(sigmas, ref) for name, sigmas in start_points.items()}
     start = min(scored, key=scored.get)
     sigmas, error = start_points[start], scored[start]
