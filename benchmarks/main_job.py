@@ -43,8 +43,13 @@ from sculpt.samplers import sample
 
 OUT = Path(__file__).resolve().parent / "out" / "main_job"
 SAMPLES = 12000
-#: The recipes compared by default: the main job before issue 16 (3000 steps at a constant rate, float32), and today's.
-RECIPES = ["--steps 3000 --train.lr_decay=none --train.precision=fp32", ""]
+#: The recipes compared by default: the main job before issue 16 (3000 steps at a constant rate of 2e-3, float32,
+#: torch's Adam betas, noise levels uniform in t), and today's.
+OLD_JOB = (
+    "--steps 3000 --train.lr_decay=none --train.precision=fp32 --train.lr=2e-3 --train.adam_beta2=0.999 "
+    "--diffusion.sigma_draw=schedule"
+)
+RECIPES = [OLD_JOB, ""]
 
 
 def cpu_line() -> str:

@@ -167,3 +167,20 @@ def test_bad_input_messages():
         S.make("linear", shift=-1.0)
     with pytest.raises(ValueError, match="bad option for schedule 'edm'"):
         S.make("edm", beta_end=0.1)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("cosine", {}), ("linear", {"zero_terminal_snr": True}), ("edm", {}), ("sigmoid", {}), ("edm", {"shift": 0.5})],
+)
+def test_quantile_is_the_training_distributions_inverse_cdf(name, options):
+    schedule = S.make(name, **options)
+    n = 40_000
+    drawn = schedule.sample_sigma(n, generator=torch.Generator().manual_seed(0)).sort().values
+    by_quantile = schedule.quantile((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    assert torch.all(by_quantile[1:] >= by_quantile[:-1])  # monotone in u
+    # Kolmogorov-Smirnov: the empirical CDF of the draws at each quantile's level is u, to within 1%
+    finite = by_quantile[torch.isfinite(by_quantile)]
+    cdf = torch.searchsorted(drawn, finite, right=True).double() / n
+    u = (torch.arange(n, dtype=torch.float64)[: len(finite)] + 0.5) / n
+    assert (cdf - u).abs().max() < 0.012

@@ -41,6 +41,7 @@ class DiffusionConfig:
     schedule: str = "cosine"  #: a key of sculpt.schedules.SCHEDULES
     prediction: str = "v"  #: eps | x0 | v | edm | cm (consistency models: f(x, sigma_min) = x)
     weighting: str = "min_snr"  #: none | min_snr | edm
+    sigma_draw: str = "importance"  #: importance: levels in proportion to the weight (same loss, less noise) | schedule
     shift: float | None = None  #: sigma factor (resolution shift); None for none
     zero_terminal_snr: bool = False  #: rescale the schedule so the last step is pure noise (Lin et al. 2024)
     sigma_data: float = 0.5  #: data standard deviation assumed by the edm target
@@ -52,11 +53,12 @@ class TrainConfig:
     time_limit: float = 0.0  #: stop after this many seconds of training (0: off), as if steps were reached
     batch_size: int = 128  #: per process; the effective batch is batch_size * world_size * grad_accum
     grad_accum: int = 1  #: micro-batches per optimizer step
-    lr: float = 2e-3  #: AdamW learning rate (after warmup)
+    lr: float = 3e-3  #: AdamW learning rate (after warmup)
     warmup: int = 100  #: linear learning-rate warmup steps
     lr_decay: str = "cosine"  #: after warmup: cosine | linear | none (constant), down to lr * lr_final at train.steps
     lr_final: float = 0.0  #: the decayed learning rate at the last step, as a fraction of lr
     weight_decay: float = 0.0  #: AdamW decoupled weight decay
+    adam_beta2: float = 0.99  #: AdamW's second-moment decay (0.99 adapts faster in short runs than torch's 0.999)
     grad_clip: float = 1.0  #: max global gradient norm (0: off)
     ema_power: float = 0.75  #: EMA decay 1 - (1 + step)^-power (Karras et al.'s power schedule)
     ema_max: float = 0.9995  #: cap on the EMA decay
@@ -272,7 +274,12 @@ def _set(obj: Any, path: list[str], text: str, dotted: str) -> Any:
 
 def load_config(path: str) -> Config:
     with open(path) as handle:
-        return from_dict(Config, json.load(handle))
+        data = json.load(handle)
+    if isinstance(data.get("diffusion"), dict):  # runs written before the importance draw drew from the schedule
+        data["diffusion"].setdefault("sigma_draw", "schedule")
+    if isinstance(data.get("train"), dict):  # ... and kept AdamW's second moment over 1000 steps
+        data["train"].setdefault("adam_beta2", 0.999)
+    return from_dict(Config, data)
 
 
 def field_docs(cls: type) -> dict[str, str]:

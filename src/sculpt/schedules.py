@@ -133,6 +133,14 @@ class Schedule:
             return self.sigmas[torch.randint(self.num_steps, (n,), generator=generator)]
         return self._sigma(torch.rand(n, generator=generator, dtype=_F64))
 
+    def quantile(self, u: Tensor) -> Tensor:
+        """The training distribution's inverse CDF: ``quantile(u)`` for u uniform in (0, 1) is distributed
+        as ``sample_sigma`` (the level index floor(u N) when discrete)."""
+        u = _as_tensor(u)
+        if self.num_steps:
+            return self.sigmas[(u * self.num_steps).long().clamp(0, self.num_steps - 1)]
+        return self._sigma(u)
+
     @property
     def sigmas(self) -> Tensor:
         """The exact discrete noise levels, index 0 (least noise) .. num_steps - 1."""
@@ -226,6 +234,10 @@ class EDMSchedule(Schedule):
         z = torch.randn(n, generator=generator, dtype=_F64)
         return torch.exp(self.p_mean + self.p_std * z)
 
+    def quantile(self, u: Tensor) -> Tensor:
+        z = math.sqrt(2) * torch.erfinv(2 * _as_tensor(u) - 1)
+        return torch.exp(self.p_mean + self.p_std * z)
+
 
 class SigmoidSchedule(Schedule):
     """Sigmoid schedule (Jabri et al. 2022; Chen 2023, "On the importance of noise scheduling").
@@ -289,6 +301,11 @@ class Warped(Schedule):
         if self.num_steps:
             return super().sample_sigma(n, generator=generator)
         return self._forward(self.base.sample_sigma(n, generator=generator))
+
+    def quantile(self, u: Tensor) -> Tensor:
+        if self.num_steps:
+            return super().quantile(u)
+        return self._forward(self.base.quantile(u))
 
 
 def shifted(base: Schedule, factor: float) -> Schedule:
