@@ -428,7 +428,7 @@ def test_importance_draw_lowers_the_variance_of_the_batch_loss():
             drawn.append((denoising_loss(D, x0, weighting="min_snr", sigma=sigma, generator=generator) * factor).mean())
         drawn = torch.stack(drawn)
     assert drawn.mean().item() == pytest.approx(plain.mean().item(), rel=0.1)
-    assert drawn.var().item() < 0.3 * plain.var().item()
+    assert drawn.var().item() < 0.1 * plain.var().item()  # 0.023 here: an untrained network, where min-SNR varies most
 
 
 def test_sigma_draw_is_a_recorded_choice_and_old_runs_keep_the_schedules(tmp_path):
