@@ -206,8 +206,8 @@ def test_mnist_and_dit_train_through_the_same_loop(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision, rel", [("fp32", 1e-5), ("bf16", 2e-2)])
-def test_compiled_training_takes_the_same_steps_and_saves_plain_weights(tmp_path, precision, rel):
+@pytest.mark.parametrize("precision, rel, atol", [("fp32", 1e-5, 1e-3), ("bf16", 2e-2, 1e-2)])
+def test_compiled_training_takes_the_same_steps_and_saves_plain_weights(tmp_path, precision, rel, atol):
     """torch.compile (inductor, about 45 s on one CPU thread) changes the speed, not the steps.
 
     In bf16 the compiled kernels round at other places than eager's, so the losses agree to bf16's precision.
@@ -224,7 +224,9 @@ def test_compiled_training_takes_the_same_steps_and_saves_plain_weights(tmp_path
     x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.linspace(0.1, 10, 8)
     with torch.no_grad():
-        assert torch.allclose(denoiser(x, sigma), reference(x, sigma), atol=1e-3)
+        difference = (denoiser(x, sigma) - reference(x, sigma)).abs().max().item()
+    print(f"{precision}: compiled and eager outputs differ by at most {difference:.2e}")
+    assert difference < atol  # bf16's rounding, compounded over 4 Adam steps, moves the weights more
 
 
 def test_learning_rate_warms_up_then_decays_to_its_final_fraction(tmp_path):
