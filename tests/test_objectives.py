@@ -446,3 +446,18 @@ def test_sigma_draw_is_a_recorded_choice_and_old_runs_keep_the_schedules(tmp_pat
         train(override(Config(), tiny(**{"train.adam_beta2": 1.0, "out": tmp_path / "y"})), progress=False)
     with pytest.raises(ValueError, match="diffusion.sigma_draw 'uniform'; valid: importance, schedule"):
         train(override(Config(), tiny(**{"diffusion.sigma_draw": "uniform", "out": tmp_path / "x"})), progress=False)
+
+
+def test_importance_draw_never_draws_a_level_of_zero_weight():
+    """Zero terminal SNR: min-SNR gives the last level (sigma = inf) weight 0, so its factor is inf."""
+    from sculpt.objectives import ImportanceDraw
+    from sculpt.run import build_denoiser
+
+    config = override(Config(), {"diffusion.zero_terminal_snr": "true"})
+    D = build_denoiser(replace(config, data=replace(config.data, channels=1, resolution=8)))
+    draw = ImportanceDraw(D, "min_snr")
+    assert math.isinf(draw.factor[-1])
+    assert draw.cdf[-2] == draw.cdf[-1] == 1.0  # the level's interval of u is empty, even at u -> 1
+    generator = torch.Generator().manual_seed(0)
+    factors = torch.cat([draw(256, generator)[1] for _ in range(200)])
+    assert torch.isfinite(factors).all()

@@ -161,14 +161,15 @@ class ImportanceDraw:
             )
         self.cells = len(weight)
         self.sigmas = sigmas
-        self.cdf = torch.cumsum(weight, 0) / weight.sum()
+        cumulative = torch.cumsum(weight, 0)
+        self.cdf = cumulative / cumulative[-1]  # ends in exactly 1
         self.factor = (weight.mean() / weight).float()  # inf where the weight is 0: those cells are never drawn
 
     def __call__(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """(sigma [n] float64, loss factor [n] float32) for a batch of n."""
         u = (torch.rand(1, generator=generator, dtype=torch.float64) + torch.arange(n, dtype=torch.float64)) / n
         u = u[torch.randperm(n, generator=generator)]
-        cell = torch.searchsorted(self.cdf, u).clamp(max=self.cells - 1)
+        cell = torch.searchsorted(self.cdf, u, right=True)  # u in [cdf[k-1], cdf[k]): cell k, never a 0-weight one
         if self.discrete:
             sigma = self.sigmas[cell]
         else:
