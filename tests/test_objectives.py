@@ -442,6 +442,13 @@ def test_sigma_draw_is_a_recorded_choice_and_old_runs_keep_the_schedules(tmp_pat
 
     old = read_config(run)
     assert old.diffusion.sigma_draw == "schedule" and old.train.adam_beta2 == 0.999
+    # a run folder with no config.json is read from its weights' metadata, and gets the same
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(run / "ema.safetensors"), run / "ema.safetensors", metadata={"config": json.dumps(recorded)})
+    (run / "config.json").unlink()
+    old = read_config(run)
+    assert old.diffusion.sigma_draw == "schedule" and old.train.adam_beta2 == 0.999
     with pytest.raises(ValueError, match=r"train.adam_beta2 must lie in \[0, 1\)"):
         train(override(Config(), tiny(**{"train.adam_beta2": 1.0, "out": tmp_path / "y"})), progress=False)
     with pytest.raises(ValueError, match="diffusion.sigma_draw 'uniform'; valid: importance, schedule"):

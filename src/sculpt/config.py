@@ -272,14 +272,19 @@ def _set(obj: Any, path: list[str], text: str, dotted: str) -> Any:
     return replace(obj, **{head: _set(current, path[1:], text, dotted)})
 
 
-def load_config(path: str) -> Config:
-    with open(path) as handle:
-        data = json.load(handle)
+def saved_config(data: dict) -> Config:
+    """A config a run wrote (config.json, or its weights' metadata), with what older runs left out filled in as
+    they trained: fields added since with a new default get the value that was in force before them."""
     if isinstance(data.get("diffusion"), dict):  # runs written before the importance draw drew from the schedule
         data["diffusion"].setdefault("sigma_draw", "schedule")
     if isinstance(data.get("train"), dict):  # ... and kept AdamW's second moment over 1000 steps
         data["train"].setdefault("adam_beta2", 0.999)
     return from_dict(Config, data)
+
+
+def load_config(path: str) -> Config:
+    with open(path) as handle:
+        return saved_config(json.load(handle))
 
 
 def field_docs(cls: type) -> dict[str, str]:

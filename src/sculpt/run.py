@@ -238,7 +238,7 @@ def read_config(run_dir: str | Path) -> Config:
         with safe_open(str(weights), "pt") as handle:
             meta = handle.metadata() or {}
         if "config" in meta:
-            return cfg.from_dict(Config, json.loads(meta["config"]))
+            return cfg.saved_config(json.loads(meta["config"]))
     raise FileNotFoundError(f"{run_dir} has no config.json and no ema.safetensors: it is not a sculpt run folder")
 
 
