@@ -377,10 +377,12 @@ def test_a_student_may_tune_with_dropout_but_not_another_network(teacher, tmp_pa
 # -- the importance draw of noise levels ---------------------------------------------------------
 
 
-def _denoiser(schedule="cosine", prediction="v"):
+def _denoiser(schedule="cosine", **overrides):
+    """The default run's Denoiser for 8x8 greyscale images, with ``--diffusion.FIELD=value`` overrides."""
     from sculpt.run import build_denoiser
 
-    config = override(Config(), {"diffusion.schedule": schedule, "diffusion.prediction": prediction})
+    diffusion = {"diffusion.schedule": schedule, **{f"diffusion.{k}": str(v) for k, v in overrides.items()}}
+    config = override(Config(), diffusion)
     return build_denoiser(replace(config, data=replace(config.data, channels=1, resolution=8)))
 
 
@@ -458,11 +460,8 @@ def test_sigma_draw_is_a_recorded_choice_and_old_runs_keep_the_schedules(tmp_pat
 def test_importance_draw_never_draws_a_level_of_zero_weight():
     """Zero terminal SNR: min-SNR gives the last level (sigma = inf) weight 0, so its factor is inf."""
     from sculpt.objectives import ImportanceDraw
-    from sculpt.run import build_denoiser
 
-    config = override(Config(), {"diffusion.zero_terminal_snr": "true"})
-    D = build_denoiser(replace(config, data=replace(config.data, channels=1, resolution=8)))
-    draw = ImportanceDraw(D, "min_snr")
+    draw = ImportanceDraw(_denoiser(zero_terminal_snr="true"), "min_snr")
     assert math.isinf(draw.factor[-1])
     assert draw.cdf[-2] == draw.cdf[-1] == 1.0  # the level's interval of u is empty, even at u -> 1
     generator = torch.Generator().manual_seed(0)
