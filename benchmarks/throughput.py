@@ -345,7 +345,7 @@ def _serve(connection, name: str, model: str, mode: Mode, options: dict, tune_al
             elif command == "time":
                 answer = _timed(step, device, rest[1])
             elif command == "profile":
-                profile(side)
+                answer = profile(side)
             else:
                 raise ValueError(f"unknown command {command!r}")
             connection.send(("ok", answer))
@@ -415,24 +415,48 @@ CATEGORIES = (
 )
 
 
-def profile(side: Side, rows: int = 15) -> None:
-    """One training step under torch.profiler: time by category and the top ops."""
+#: The dense kernels: the categories whose arithmetic both sides must do, op for op.
+DENSE = ("matmul", "convolution")
+
+
+def profile(side: Side, rows: int = 15) -> dict[str, float]:
+    """One training step under torch.profiler: time by category and the top ops.
+
+    Returns the step's self CPU seconds, the dense kernels' seconds (``DENSE``) and their
+    GFLOP (the profiler's count for matmuls and convolutions), for the floor in ``main``.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     side.train_step()
     side.train_step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         side.train_step()
     averages = prof.key_averages()
     total = sum(event.self_cpu_time_total for event in averages)
     by_category: dict[str, float] = {}
+    dense_flops = 0.0
     for event in averages:
         category = next((cat for key, cat in CATEGORIES if key in event.key), "other elementwise + optimizer")
         by_category[category] = by_category.get(category, 0.0) + event.self_cpu_time_total
+        if category in DENSE:
+            dense_flops += event.flops or 0
     print(f"\n{side.name}: one training step, {total / 1e6:.2f} s of self CPU time")
     for category, micros in sorted(by_category.items(), key=lambda item: -item[1]):
         print(f"  {category:32s} {micros / 1e6:6.2f} s  {100 * micros / total:5.1f}%")
     print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+    dense = sum(by_category.get(category, 0.0) for category in DENSE)
+    return {"total": total / 1e6, "dense": dense / 1e6, "gflop": dense_flops / 1e9}
+
+
+def floor_line(model: str, sculpt: dict[str, float], other: dict[str, float]) -> str:
+    """The most sculpt's step could gain: every op but the dense kernels taking no time at all."""
+    rate = sculpt["gflop"] / sculpt["dense"] if sculpt["dense"] else float("nan")
+    best, now = other["total"] / sculpt["dense"], other["total"] / sculpt["total"]
+    return (
+        f"{model} training step: sculpt {sculpt['total']:.2f} s, of which matmuls and convolutions "
+        f"{sculpt['dense']:.2f} s ({rate:.0f} GFLOP/s, counted by the profiler); diffusers {other['total']:.2f} s. "
+        f"With everything else free, sculpt could be at most {best:.2f}x diffusers (now {now:.2f}x)"
+    )
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -591,9 +615,11 @@ def main() -> None:
     print(f"one process per side; {allocator if cpu else 'CUDA caching allocator on both sides'}")
 
     if args.profile:
+        found = []
         for side in make_pair(args.profile, modes[0], args):  # the first of --modes
-            side("profile")
+            found.append(side("profile"))
             side.close()
+        print(f"\n{floor_line(args.profile, *found)}")
         return
 
     started = time.perf_counter()

@@ -216,6 +216,10 @@ def test_compiled_training_takes_the_same_steps_and_saves_plain_weights(tmp_path
     plain = train(tiny_config(tmp_path / "plain", **extra), progress=False)
     compiled = train(tiny_config(tmp_path / "compiled", **extra, **{"train.compile": "true"}), progress=False)
     assert losses(compiled) == pytest.approx(losses(plain), rel=rel)
+    # The first record carries the compiling first step's seconds, apart from the rate; no other record does.
+    records = [json.loads(line) for line in (compiled / "log.jsonl").read_text().splitlines()]
+    assert records[0]["compile_s"] > 0 and not any("compile_s" in r for r in records[1:])
+    assert not any("compile_s" in json.loads(line) for line in (plain / "log.jsonl").read_text().splitlines())
     denoiser, _ = load(compiled)  # keys carry no torch.compile prefix: the plain network loads them
     reference, _ = load(plain)
     assert list(denoiser.state_dict()) == list(reference.state_dict())

@@ -8,6 +8,7 @@ A run folder holds everything needed to rebuild and continue the run:
     checkpoints/step_NNNNNN/    model, ema, frozen modules (a teacher) and state.pt
                                 (optimizer, RNGs, data position)
     log.jsonl                   one line per log interval: loss, lr, grad_norm, img/s
+                                (and compile_s, the compiling first step, with --train.compile)
     samples/step_NNNNNN.png     EMA samples from fixed noise; samples/final.png at the end
     loss.png                    the loss curve
     latent_scale.json           an autoencoder run: its latent scale, measured with ema.safetensors
