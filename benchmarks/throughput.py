@@ -31,7 +31,7 @@ after ``malloc_trim`` has handed freed memory back, during one untimed step.
     python benchmarks/throughput.py --same-allocator   # the networks alone: both sides tune malloc
     python benchmarks/throughput.py --quick            # smoke run, batch 8
     python benchmarks/throughput.py --device cuda --compile
-    python benchmarks/throughput.py --profile unet     # torch.profiler top ops of one training step
+    python benchmarks/throughput.py --profile unet     # where a training step goes; the dense-kernel floor
 """
 
 from __future__ import annotations
@@ -145,6 +145,11 @@ class Mode:
 
     def autocast(self, device: torch.device):
         return autocast(device, self.precision)  # the context sculpt trains and samples under
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the matmuls run in under `autocast`."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
 
 
 @dataclass
@@ -345,7 +350,7 @@ def _serve(connection, name: str, model: str, mode: Mode, options: dict, tune_al
             elif command == "time":
                 answer = _timed(step, device, rest[1])
             elif command == "profile":
-                answer = profile(side)
+                answer = profile(side, mode.dtype)
             else:
                 raise ValueError(f"unknown command {command!r}")
             connection.send(("ok", answer))
@@ -415,47 +420,71 @@ CATEGORIES = (
 )
 
 
-#: The dense kernels: the categories whose arithmetic both sides must do, op for op.
-DENSE = ("matmul", "convolution")
+#: Ops whose arithmetic both sides must do, op for op, and that `replay_matmuls` can time alone.
+MATMULS = ("aten::mm", "aten::addmm")
 
 
-def profile(side: Side, rows: int = 15) -> dict[str, float]:
-    """One training step under torch.profiler: time by category and the top ops.
+def profile(side: Side, dtype: torch.dtype, rows: int = 15, steps: int = 3) -> dict[str, float]:
+    """Where a training step goes (torch.profiler, `steps` steps after unprofiled ones), and its floor.
 
-    Returns the step's self CPU seconds, the dense kernels' seconds (``DENSE``) and their
-    GFLOP (the profiler's count for matmuls and convolutions), for the floor in ``main``.
+    The profiler's own overhead inflates small ops (a DiT step takes 1.4x longer under it), so the
+    floor is not read from its times: the step is timed without it, and every matmul it recorded
+    is run again alone, outside it, at the recorded shapes (`replay_matmuls`). Returns a step's
+    seconds and its matmuls' seconds, both medians without the profiler.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    side.train_step()
-    side.train_step()
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    for _ in range(steps):  # warm-up: kernel choice, the optimizer's state, memory touched for the first time
         side.train_step()
+    timed = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        side.train_step()
+        timed.append(time.perf_counter() - began)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            side.train_step()
     averages = prof.key_averages()
-    total = sum(event.self_cpu_time_total for event in averages)
+    total = sum(event.self_cpu_time_total for event in averages) / steps
     by_category: dict[str, float] = {}
-    dense_flops = 0.0
     for event in averages:
         category = next((cat for key, cat in CATEGORIES if key in event.key), "other elementwise + optimizer")
-        by_category[category] = by_category.get(category, 0.0) + event.self_cpu_time_total
-        if category in DENSE:
-            dense_flops += event.flops or 0
-    print(f"\n{side.name}: one training step, {total / 1e6:.2f} s of self CPU time")
+        by_category[category] = by_category.get(category, 0.0) + event.self_cpu_time_total / steps
+    print(f"\n{side.name}: a training step under the profiler (mean of {steps}), {total / 1e6:.2f} s of self CPU time")
     for category, micros in sorted(by_category.items(), key=lambda item: -item[1]):
         print(f"  {category:32s} {micros / 1e6:6.2f} s  {100 * micros / total:5.1f}%")
     print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
-    dense = sum(by_category.get(category, 0.0) for category in DENSE)
-    return {"total": total / 1e6, "dense": dense / 1e6, "gflop": dense_flops / 1e9}
+    matmuls = replay_matmuls(prof.key_averages(group_by_input_shape=True), steps, dtype)
+    return {"step": statistics.median(timed), "matmuls": matmuls}
+
+
+def replay_matmuls(events, steps: int, dtype: torch.dtype) -> float:
+    """Seconds a step's matmuls take on their own: each recorded (op, shapes) alone, median of 3, times its count."""
+    seconds = 0.0
+    for event in events:
+        if event.key not in MATMULS:
+            continue
+        shapes = event.input_shapes[:2] if event.key == "aten::mm" else event.input_shapes[:3]
+        args = [torch.randn(shape, dtype=dtype) for shape in shapes]
+        op = torch.mm if event.key == "aten::mm" else torch.addmm
+        op(*args)
+        runs = []
+        for _ in range(3):
+            began = time.perf_counter()
+            op(*args)
+            runs.append(time.perf_counter() - began)
+        seconds += statistics.median(runs) * event.count / steps
+    return seconds
 
 
 def floor_line(model: str, sculpt: dict[str, float], other: dict[str, float]) -> str:
-    """The most sculpt's step could gain: every op but the dense kernels taking no time at all."""
-    rate = sculpt["gflop"] / sculpt["dense"] if sculpt["dense"] else float("nan")
-    best, now = other["total"] / sculpt["dense"], other["total"] / sculpt["total"]
+    """The most sculpt's step could gain over the peer's: every op but the matmuls taking no time at all."""
+    best, now = other["step"] / sculpt["matmuls"], other["step"] / sculpt["step"]
     return (
-        f"{model} training step: sculpt {sculpt['total']:.2f} s, of which matmuls and convolutions "
-        f"{sculpt['dense']:.2f} s ({rate:.0f} GFLOP/s, counted by the profiler); diffusers {other['total']:.2f} s. "
-        f"With everything else free, sculpt could be at most {best:.2f}x diffusers (now {now:.2f}x)"
+        f"{model} training step: sculpt {sculpt['step']:.2f} s, of which its matmuls alone take "
+        f"{sculpt['matmuls']:.2f} s; "
+        f"diffusers {other['step']:.2f} s. With every other op free, sculpt could be at most {best:.2f}x diffusers "
+        f"(now {now:.2f}x)"
     )
 
 
@@ -564,7 +593,7 @@ def main() -> None:
     parser.add_argument("--dit-patch", type=int, default=None, help="default 4 on CPU (64 tokens), 2 on CUDA")
     parser.add_argument("--dit-depth", type=int, default=None, help="default 6 on CPU, 12 (DiT-S) on CUDA")
     parser.add_argument("--no-memory", action="store_true", help="skip the untimed memory steps")
-    parser.add_argument("--profile", choices=("unet", "dit"), help="profile one training step of each side and exit")
+    parser.add_argument("--profile", choices=("unet", "dit"), help="profile 3 training steps a side, print the floor")
     parser.add_argument(
         "--same-allocator",
         action="store_true",
@@ -619,7 +648,8 @@ def main() -> None:
         for side in make_pair(args.profile, modes[0], args):  # the first of --modes
             found.append(side("profile"))
             side.close()
-        print(f"\n{floor_line(args.profile, *found)}")
+        if args.profile == "dit":  # a UNet's step is convolutions, which replay_matmuls does not time
+            print(f"\n{floor_line(args.profile, *found)}")
         return
 
     started = time.perf_counter()
