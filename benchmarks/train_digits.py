@@ -5,7 +5,7 @@ script trains two models for the same number of wall-clock seconds, samples both
 steps, and scores them:
 
 - **sculpt**: ``sculpt.train.train(Config())`` exactly as ``sculpt train`` runs it (unet-tiny,
-  cosine schedule, v-prediction, min-SNR weighting, EMA, batch 128, lr 2e-3), stopped by
+  cosine schedule, v-prediction, min-SNR weighting, EMA, batch 128, lr 3e-3), stopped by
   ``train.time_limit``; sampled with ``dpmpp_2m``, 20 steps, from the EMA weights.
 - **diffusers**: the loop of diffusers' ``train_unconditional.py`` example written out here:
   ``UNet2DModel`` sized like unet-tiny (block_out_channels (32, 64), one resnet per level,
