@@ -65,7 +65,7 @@ class TrainConfig:
     label_dropout: float = 0.1  #: with class_cond, drop labels to the null class (for guidance)
     seed: int = 0  #: seeds the weights, the batch order, the noise and the dropout masks
     precision: str = "auto"  #: auto (bf16 where the hardware has it, else fp32; recorded resolved) | fp32 | bf16 | fp16
-    compile: bool = False  #: torch.compile the network
+    compile: bool = False  #: torch.compile the network (its seconds: compile_s in the first log record)
     channels_last: bool = False  #: NHWC memory format (faster convolutions on GPUs and some CPUs)
     world_size: int = 1  #: resolved: number of data-parallel processes
     effective_batch: int = 0  #: resolved: batch_size * world_size * grad_accum
