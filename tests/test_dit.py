@@ -146,6 +146,26 @@ def test_perturbed_model_shape_and_class_conditioning() -> None:
     assert not torch.allclose(null, net(x, c_noise, torch.zeros(3, dtype=torch.long)))
 
 
+def test_the_residual_stream_is_contiguous_so_no_layernorm_copies_it() -> None:
+    """Elementwise ops keep their input's strides: a transposed token view would reach every block."""
+    net = perturb_(tiny())
+    seen = []
+    for block in net.blocks:
+        block.norm1.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+        block.norm2.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    x, c_noise, labels = torch.randn(2, 3, 8, 8), torch.tensor([1.0, 2.0]), torch.tensor([0, 1])
+    out = net(x, c_noise, labels)
+    assert len(seen) == 2 * len(net.blocks) and all(seen)
+    # The layout changes no number: the blocks run on the transposed view give the same output.
+    with torch.no_grad():
+        tokens = net.patch_embed(x).flatten(2).transpose(1, 2) + net.pos_embed  # not contiguous
+        c = net.t_embedder(c_noise) + net.class_embed(labels)
+        for block in net.blocks:
+            tokens = block(tokens, c)
+        reference = unpatchify(net.final_layer(tokens, c), net.patch_size, 8, 8)
+    torch.testing.assert_close(out.detach(), reference, rtol=1e-6, atol=1e-6)
+
+
 def test_c_noise_scalar_broadcasts_and_conditions() -> None:
     net = perturb_(tiny(num_classes=0)).eval()
     x = torch.randn(2, 3, 8, 8)

@@ -297,7 +297,10 @@ class DiT(nn.Module):
         batch = x.shape[0]  # B
         c_noise = c_noise.reshape(-1).expand(batch)  # [B]: a scalar applies to every sample
         tokens = self.patch_embed(x)  # [B, D, H/p, W/p]
-        tokens = tokens.flatten(2).transpose(1, 2)  # [B, N, D], N = (H/p)*(W/p), row-major
+        # [B, N, D], N = (H/p)*(W/p), row-major. Made contiguous once here: elementwise ops keep their
+        # input's strides, so a transposed view would carry through the whole residual stream and every
+        # LayerNorm would copy it, forward and backward (26 copies a step for a depth-6 DiT).
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous()
         tokens = tokens + self.pos_embed  # [B, N, D]
         c = self.t_embedder(c_noise)  # [B, D]
         if self.class_embed is not None:  # class-conditional: add the label embedding to c
