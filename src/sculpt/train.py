@@ -517,15 +517,12 @@ def train(
     window_steps, window_start = int(window["steps"]), time.perf_counter() - float(window["seconds"])
     streamed = isinstance(dataset, StreamingDataset)
     bar = tqdm(total=t.steps, initial=step, disable=not (progress and world.main), unit="step", dynamic_ncols=True)
-    # With --train.compile the first step of this process compiles the network (forward and backward): its
-    # seconds go into the first log record as compile_s, so the cost is seen apart from the steps' rate.
-    compile_s: float | None = None
-    compile_logged = False
+    first_step = step  # of this process: with --train.compile it compiles the network, forward and backward
+    next_record: dict[str, float] = {}  # fields for the next log record only (compile_s)
     with _stop_on_signals() as stop:
         started = time.perf_counter()
         last = step >= t.steps  # a resumed run that already reached its steps only writes the final grid
         while not last:
-            step_began = time.perf_counter()
             # -- one optimizer step ---------------------------------------------------------
             objective.begin_step(step, net, ema)
             torch.manual_seed(_network_seed(t.seed, step))  # dropout: the global batch's masks at this step
@@ -556,8 +553,8 @@ def train(
                 torch._foreach_lerp_(ema_params, params, 1 - decay)
                 for ema_buffer, buffer in zip(ema.buffers(), net.buffers(), strict=True):
                     ema_buffer.copy_(buffer)
-            if t.compile and compile_s is None:
-                compile_s = time.perf_counter() - step_began
+            if t.compile and step == first_step:  # its seconds, seen apart from the steps' rate
+                next_record["compile_s"] = round(time.perf_counter() - started, 2)
             step += 1
             over_time = bool(t.time_limit and time.perf_counter() - started > t.time_limit)
             stopping, over_time = world.agree(stop["stop"], over_time)  # every process stops at the same step
@@ -582,10 +579,9 @@ def train(
                     "grad_norm": float(grad_norm),
                     "img_per_s": window_steps * global_batch * t.grad_accum / elapsed,
                     **objective.record(step - 1),
+                    **next_record,
                 }
-                if compile_s is not None and not compile_logged:
-                    record["compile_s"] = round(compile_s, 2)  # the first step, compilation included
-                    compile_logged = True
+                next_record.clear()
                 if streamed:  # files that could not be read since the start: skipped, never a crash
                     unreadable = torch.tensor(float(stream.unreadable), device=device)
                     record["unreadable"] = round(world.mean(unreadable) * world.size)
